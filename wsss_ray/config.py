@@ -1,0 +1,293 @@
+"""Typed configuration for every job.
+
+Dataclasses are the schema; YAML files in ``configs/`` hold small diffs over the defaults, and
+``key.sub=value`` command-line overrides go on top (OmegaConf structured configs do the merging
+and type checks). Everything is validated here, before Ray starts, and every error is one line
+that names the offending key, so a typo never costs a cluster start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+T = TypeVar("T")
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported to the user as one line naming the key."""
+
+
+def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
+    """A dataclass field with a help string (shown by ``--help`` and in the README)."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+# --------------------------------------------------------------------------------- sections
+@dataclass
+class SyntheticDataConfig:
+    num_images: int = _f(512, "images in the generated shapes world")
+    image_size: int = _f(128, "side of the generated images (pixels)")
+    samples_per_shard: int = _f(128, "samples per generated WebDataset shard")
+    seed: int = _f(0, "generator seed (same seed, same bytes)")
+
+
+@dataclass
+class DataConfig:
+    train_shards: list[str] = _f(
+        [], "WebDataset tar files, directories of tars or globs; empty = generate synthetic shards"
+    )
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    image_size: int = _f(224, "training crop side")
+    crop_scale: list[float] = _f([0.08, 1.0], "RandomResizedCrop area range")
+    hflip: bool = _f(True, "random horizontal flip")
+    mean: list[float] = _f(CLIP_MEAN, "normalisation mean (RGB)")
+    std: list[float] = _f(CLIP_STD, "normalisation std (RGB)")
+    decode_batch_size: int = _f(64, "rows per map_batches call of the decode actors")
+    decode_actors: list[int] = _f([1, 2], "decode actor pool size (min, max)")
+    cpus_per_decode_actor: float = _f(1.0, "logical CPUs per decode actor")
+    local_shuffle_buffer: int = _f(0, "iter_torch_batches local shuffle buffer (0 = off)")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(1e-4, "peak learning rate")
+    min_lr: float = _f(1e-5, "final learning rate of the cosine schedule")
+    warmup_start_lr: float = _f(1e-6, "learning rate at step 0 of the warm-up")
+    warmup_steps: int = _f(0, "linear warm-up steps")
+    weight_decay: float = _f(0.05, "AdamW weight decay (not applied to 1-d params)")
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas")
+    eps: float = _f(1e-8, "AdamW eps")
+    grad_clip: float = _f(5.0, "gradient clipping norm (0 = off)")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _f(0, "optimizer steps to train (or give max_samples)")
+    max_samples: int = _f(0, "samples to see in total, converted to steps")
+    batch_size_per_worker: int = _f(32, "micro-batch per worker")
+    grad_accum: int = _f(1, "gradient accumulation micro-steps per optimizer step")
+    log_every: int = _f(10, "report metrics every N steps")
+    ckpt_every: int = _f(100, "checkpoint every M steps (and at the end)")
+    max_nonfinite: int = _f(5, "stop after this many non-finite losses in a row")
+    seed: int = _f(0, "random seed")
+    zero_stage: int = _f(2, "DeepSpeed ZeRO stage (0-3)")
+    precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = _f(2, "Ray Train workers")
+    use_gpu: bool = _f(False, "one GPU per worker, NCCL, bf16")
+    cpus_per_worker: float = _f(1.0, "logical CPUs per train worker")
+    resources_per_worker: dict[str, float] = _f({}, "extra Ray resources per worker")
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("run", "run name: same storage_path + name resumes")
+    output_dir: str = _f("outputs", "local folder for the resolved config, MLflow db, data")
+    storage_path: str = _f("", "Ray Train storage (local, s3://, gs://, NFS); '' = output_dir")
+    num_checkpoints_to_keep: int = _f(2, "checkpoints kept in storage")
+    max_failures: int = _f(0, "worker-group restarts before the run fails (-1 = unlimited)")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = _f(True, "log to MLflow")
+    uri: str = _f("", "tracking URI; '' = sqlite:///<output_dir>/mlflow.db; env overrides")
+    experiment: str = _f("wsss_ray", "MLflow experiment name")
+
+
+@dataclass
+class RayConfig:
+    num_cpus: int = _f(0, "embedded Ray only: logical CPUs (0 = enough for the job)")
+
+
+@dataclass
+class ClipModelConfig:
+    name: str = _f("wsss-tiny", "open_clip architecture name (wsss-tiny for CPU)")
+    pretrained: str = _f("", "local weights file to start from ('' = random init)")
+    init_logit_scale: float = _f(1 / 0.07, "initial logit scale s (learnable, exp-parametrised)")
+    max_logit_scale: float = _f(100.0, "clamp on the logit scale")
+
+
+@dataclass
+class TrainJobConfig:
+    """Sections shared by every Ray Train job; tasks add a ``model`` section."""
+
+    task: str = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass
+class ClipPretrainConfig(TrainJobConfig):
+    task: str = "clip"
+    model: ClipModelConfig = field(default_factory=ClipModelConfig)
+
+
+# ------------------------------------------------------------------------------- loading
+def _explain(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, ConfigKeyError) or "not in" in str(err):
+        return f"config error: unknown key '{key}'"
+    msg = str(err).splitlines()[0].strip()
+    return f"config error: {key}: {msg}"
+
+
+def load_config(schema: type[T], config_file: str | None, overrides: list[str]) -> T:
+    """Merge defaults <- YAML file <- dotted overrides, check types and paths, return a typed
+    dataclass instance. Raises :class:`ConfigError` with a one-line message naming the key."""
+    base = OmegaConf.structured(schema)
+    try:
+        if config_file:
+            if not os.path.isfile(config_file):
+                raise ConfigError(f"config error: --config file not found: {config_file}")
+            base = OmegaConf.merge(base, OmegaConf.load(config_file))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"config error: override '{item}' is not of the form key=value")
+            base = OmegaConf.merge(base, OmegaConf.from_dotlist([item]))
+        missing = sorted(OmegaConf.missing_keys(base))
+        if missing:
+            raise ConfigError(f"config error: required key '{missing[0]}' has no value")
+        cfg = OmegaConf.to_object(base)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_explain(err)) from None
+    validate(cfg)
+    return cfg  # type: ignore[return-value]
+
+
+def _expand_paths(key: str, entries: list[str]) -> list[str]:
+    files: list[str] = []
+    for entry in entries:
+        if entry.startswith(("s3://", "gs://", "gcs://", "abfs://")):
+            files.append(entry)
+            continue
+        if os.path.isdir(entry):
+            found = sorted(glob.glob(os.path.join(entry, "**", "*.tar"), recursive=True))
+        else:
+            found = sorted(glob.glob(entry))
+        if not found:
+            raise ConfigError(f"config error: {key}: no such file or no .tar files in '{entry}'")
+        files.extend(os.path.abspath(f) for f in found)
+    return files
+
+
+def validate(cfg: Any) -> None:
+    """Semantic checks the type system cannot express. Raises ConfigError."""
+
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"config error: {key}: {msg}")
+
+    if isinstance(cfg, TrainJobConfig):
+        t, d = cfg.train, cfg.data
+        need(t.max_steps > 0 or t.max_samples > 0, "train.max_steps", "give max_steps or max_samples")
+        need(t.batch_size_per_worker > 0, "train.batch_size_per_worker", "must be > 0")
+        need(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+        need(t.log_every > 0, "train.log_every", "must be > 0")
+        need(t.ckpt_every > 0, "train.ckpt_every", "must be > 0")
+        need(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", "must be 0, 1, 2 or 3")
+        need(t.precision in ("auto", "bf16", "fp32"), "train.precision", "auto | bf16 | fp32")
+        need(cfg.scaling.num_workers >= 1, "scaling.num_workers", "must be >= 1")
+        need(len(d.crop_scale) == 2, "data.crop_scale", "needs two numbers (min, max)")
+        need(0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", "0 < min <= max <= 1")
+        need(len(d.decode_actors) == 2 and 1 <= d.decode_actors[0] <= d.decode_actors[1],
+             "data.decode_actors", "needs (min, max) with 1 <= min <= max")
+        need(len(d.mean) == 3 and len(d.std) == 3, "data.mean", "mean and std need 3 values")
+        need(bool(cfg.run.name.strip()), "run.name", "must not be empty")
+        d.train_shards = _expand_paths("data.train_shards", d.train_shards)
+    model = getattr(cfg, "model", None)
+    if model is not None and getattr(model, "pretrained", ""):
+        need(os.path.isfile(model.pretrained), "model.pretrained",
+             f"weights file not found: {model.pretrained}")
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_flat_dict(cfg: Any) -> dict[str, Any]:
+    """``{"train.max_steps": 100, ...}`` for MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, obj: Any) -> None:
+        if dataclasses.is_dataclass(obj):
+            for f in dataclasses.fields(obj):
+                walk(f"{prefix}{f.name}.", getattr(obj, f.name))
+        else:
+            out[prefix[:-1]] = obj
+
+    walk("", cfg)
+    return out
+
+
+def save_resolved(cfg: Any, folder: str | Path) -> Path:
+    path = Path(folder) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(cfg))
+    return path
+
+
+def reference(schema: type) -> str:
+    """Every key with its default and help, for ``--help`` and the README."""
+    lines: list[str] = []
+
+    def walk(prefix: str, cls: type) -> None:
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default):
+                walk(f"{prefix}{f.name}.", type(default))
+                continue
+            shown = "???" if default is MISSING or default is dataclasses.MISSING else repr(default)
+            lines.append(f"  {prefix}{f.name} = {shown}    {f.metadata.get('help', '')}".rstrip())
+
+    walk("", schema)
+    return "\n".join(lines)
+
+
+def parse_job_args(schema: type[T], description: str, argv: list[str] | None = None,
+                   default_config: str | None = None) -> T:
+    """The command line every job shares: ``--config FILE`` plus ``key.sub=value`` overrides.
+    Config errors exit with status 2 and one line on stderr."""
+    parser = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (override with key.sub=value):\n" + reference(schema),
+    )
+    parser.add_argument("--config", default=default_config,
+                        help=f"YAML file of overrides over the defaults (default: {default_config})")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(schema, args.config, args.overrides)
+    except ConfigError as err:
+        print(str(err), file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.print_config:
+        print(to_yaml(cfg))
+        raise SystemExit(0)
+    return cfg

@@ -1,0 +1,40 @@
+"""One task per method: ``training_forward(batch) -> (losses, metrics)``; one loop serves all."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from wsss_ray.config import ConfigError
+from wsss_ray.tasks.base import Task
+
+
+def build_task(cfg: Any) -> Task:
+    """The task named by ``cfg.task``, built from its config (inside a worker: after the process
+    group exists, so distributed losses see the right rank)."""
+    if cfg.task == "clip":
+        from wsss_ray.tasks.clip import ClipTask
+
+        return ClipTask(cfg)
+    raise ValueError(f"unknown task '{cfg.task}'")
+
+
+def tokenizer_name(cfg: Any) -> str:
+    """The open_clip tokenizer the data pipeline uses for this task's text tower."""
+    return cfg.model.name
+
+
+def check_config(cfg: Any) -> None:
+    """Task-level checks that need the model registry; raise ConfigError before Ray starts."""
+    if cfg.task == "clip":
+        from wsss_ray.models.clip import image_size, model_config
+
+        try:
+            model_config(cfg.model.name)
+        except KeyError as err:
+            raise ConfigError(f"config error: model.name: {err.args[0]}") from None
+        want = image_size(cfg.model.name)
+        if cfg.data.image_size != want:
+            raise ConfigError(f"config error: data.image_size: {cfg.model.name} takes {want}px "
+                              f"inputs, got {cfg.data.image_size}")
+    elif cfg.task not in ("pgseg",):
+        raise ConfigError(f"config error: task: unknown task '{cfg.task}'")

@@ -1,0 +1,1 @@
+"""Ray Train driver and the one per-worker loop (DeepSpeed, checkpoints, MLflow)."""

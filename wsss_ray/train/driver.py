@@ -1,0 +1,143 @@
+"""The Ray Train driver: typed config in, a finished (or resumed) training run out.
+
+``run(cfg)`` prepares data (synthetic shards when none are given), writes the resolved config,
+starts or joins Ray (embedded local cluster by default; ``RAY_ADDRESS`` / ``ray job submit``
+joins a cluster unchanged), opens the MLflow run and fits a ``TorchTrainer``. The same
+``storage_path`` + ``run.name`` resumes from the last checkpoint, in Ray and in MLflow.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wsss_ray.config import TrainJobConfig, save_resolved, to_flat_dict
+from wsss_ray.train.tracking import Tracker, tracking_uri
+
+
+@dataclass
+class RunSummary:
+    metrics: dict[str, Any]
+    checkpoint: str | None
+    tracking_uri: str
+    mlflow_run_id: str | None
+    output_dir: str
+    error: BaseException | None = None
+
+
+def init_ray(cfg: TrainJobConfig) -> None:
+    """Join ``RAY_ADDRESS`` when set (cluster, ``ray job submit``), else start an embedded local
+    Ray with enough logical CPUs for the train workers plus the decode actors."""
+    import ray
+
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    if ray.is_initialized():
+        return
+    # Our per-step lines are the progress output; Ray Data's bars would drown them.
+    env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}
+    os.environ.update(env)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env={"env_vars": env})
+        return
+    d, s = cfg.data, cfg.scaling
+    needed = s.num_workers * s.cpus_per_worker + d.decode_actors[1] * d.cpus_per_decode_actor + 1
+    num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
+
+
+def train_shards(cfg: TrainJobConfig) -> list[str]:
+    if cfg.data.train_shards:
+        return list(cfg.data.train_shards)
+    from wsss_ray.data.synthetic import ensure_synthetic_shards
+
+    syn = cfg.data.synthetic
+    folder = Path(cfg.run.output_dir).resolve() / "synthetic_shards"
+    print(f"[wsss_ray] no data.train_shards given: using {syn.num_images} synthetic images "
+          f"in {folder}", flush=True)
+    return ensure_synthetic_shards(folder, syn.num_images, syn.seed, syn.image_size,
+                                   syn.samples_per_shard)
+
+
+def build_datasets(cfg: TrainJobConfig, shards: list[str]) -> dict:
+    if cfg.task in ("clip", "pgseg"):
+        from wsss_ray.data.webdataset import image_text_dataset
+        from wsss_ray.tasks import tokenizer_name
+
+        d = cfg.data
+        return {"train": image_text_dataset(
+            shards, tokenizer_name(cfg), d.image_size, tuple(d.crop_scale), d.hflip,
+            d.decode_batch_size, tuple(d.decode_actors), d.cpus_per_decode_actor)}
+    raise ValueError(f"no dataset builder for task '{cfg.task}'")
+
+
+def run(cfg: TrainJobConfig) -> RunSummary:
+    """Fit the task named by ``cfg.task``; resumes when the run name exists in storage."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from wsss_ray.train.loop import train_loop_per_worker
+
+    from wsss_ray.tasks import check_config
+
+    check_config(cfg)
+    out = Path(cfg.run.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    storage = cfg.run.storage_path or str(out / "ray_results")
+    shards = train_shards(cfg)
+    config_file = save_resolved(cfg, out / cfg.run.name)
+    uri = tracking_uri(cfg.tracking.uri, str(out))
+
+    init_ray(cfg)
+    tracker = Tracker(uri, None)
+    if cfg.tracking.enabled:
+        tracker = Tracker.open_run(uri, cfg.tracking.experiment, cfg.run.name, storage,
+                                   to_flat_dict(cfg), str(config_file))
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg, "tracking_uri": uri, "run_id": tracker.run_id,
+                           "storage": os.path.join(storage, cfg.run.name)},
+        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.run.num_checkpoints_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+        ),
+        datasets=build_datasets(cfg, shards),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    ckpt = result.checkpoint.path if result.checkpoint else None
+    if ckpt:
+        tracker.set_tag("checkpoint/final", ckpt)
+    metrics = dict(result.metrics or {})
+    tracker.finish("FAILED" if metrics.get("stopped_nonfinite") else "FINISHED")
+    return RunSummary(metrics, ckpt, uri, tracker.run_id, str(out))
+
+
+def print_summary(summary: RunSummary) -> None:
+    m = summary.metrics
+    print("\n[wsss_ray] done: step {} loss {} ({} samples seen, {} skipped)".format(
+        m.get("step"), f"{m['loss']:.4f}" if "loss" in m else "n/a", m.get("samples"),
+        m.get("data/skipped")))
+    print(f"[wsss_ray] checkpoint: {summary.checkpoint}")
+    print(f"[wsss_ray] MLflow store: {summary.tracking_uri} (run {summary.mlflow_run_id})")
+    if summary.tracking_uri.startswith("sqlite:///"):
+        print(f"[wsss_ray] dashboard: mlflow ui --backend-store-uri {summary.tracking_uri}"
+              "   (or: make mlflow-ui)")
+    if m.get("stopped_nonfinite"):
+        print("[wsss_ray] the run stopped early on non-finite losses", flush=True)

@@ -1,0 +1,85 @@
+"""MLflow tracking: the driver opens (or reopens, on resume) one run per Ray Train run name and
+logs the resolved config; rank 0 logs metrics, throughput, skipped samples and checkpoint paths.
+
+Default tracking URI: ``sqlite:///<output_dir>/mlflow.db`` (MLflow 3 refuses plain file stores);
+``MLFLOW_TRACKING_URI`` (or ``tracking.uri``) points at a server for clusters. We use
+``MlflowClient`` with explicit run ids so workers never depend on a global active run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+RUN_NAME_TAG = "wsss_ray.run_name"
+STORAGE_TAG = "wsss_ray.storage"
+
+
+def tracking_uri(cfg_uri: str, output_dir: str) -> str:
+    env = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if env:
+        return env
+    if cfg_uri:
+        return cfg_uri
+    return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+
+
+class Tracker:
+    """Thin wrapper over MlflowClient bound to one run. A disabled tracker does nothing."""
+
+    def __init__(self, uri: str, run_id: str | None):
+        self.uri, self.run_id = uri, run_id
+        self._client = None
+        if run_id:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=uri)
+
+    @classmethod
+    def open_run(cls, uri: str, experiment: str, run_name: str, storage: str,
+                 params: dict[str, Any], config_file: str | None) -> Tracker:
+        """Reuse the run of the same name and storage (a resume), else create it."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        found = client.search_runs(
+            [exp_id],
+            filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}' and tags.`{STORAGE_TAG}` = '{storage}'",
+            max_results=1,
+        )
+        if found:
+            run_id = found[0].info.run_id
+            client.update_run(run_id, status="RUNNING")
+        else:
+            run = client.create_run(exp_id, run_name=run_name,
+                                    tags={RUN_NAME_TAG: run_name, STORAGE_TAG: storage})
+            run_id = run.info.run_id
+            from mlflow.entities import Param
+
+            items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+            for i in range(0, len(items), 100):
+                client.log_batch(run_id, params=items[i:i + 100])
+        if config_file:
+            client.log_artifact(run_id, config_file)
+        return cls(uri, run_id)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self._client is None:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        self._client.log_batch(self.run_id, metrics=items)
+
+    def set_tag(self, key: str, value: str) -> None:
+        if self._client is not None:
+            self._client.set_tag(self.run_id, key, value)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self._client is not None:
+            self._client.set_terminated(self.run_id, status=status)
