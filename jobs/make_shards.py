@@ -20,8 +20,9 @@ from wsss_ray.data.shards import pairs_from_folder, pairs_from_table, write_shar
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--folder", help="folder of images + .txt captions")
     src.add_argument("--table", help="CSV or parquet file of (path, caption)")

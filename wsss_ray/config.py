@@ -101,7 +101,9 @@ class ScalingConfig:
 class RunConfig:
     name: str = _f("run", "run name: same storage_path + name resumes")
     output_dir: str = _f("outputs", "local folder for the resolved config, MLflow db, data")
-    storage_path: str = _f("", "Ray Train storage (local, s3://, gs://, NFS); '' = output_dir")
+    storage_path: str = _f(
+        "", "Ray Train storage (local, s3://, gs://, NFS); '' = <output_dir>/ray_results"
+    )
     num_checkpoints_to_keep: int = _f(2, "checkpoints kept in storage")
     max_failures: int = _f(0, "worker-group restarts before the run fails (-1 = unlimited)")
 
@@ -203,7 +205,9 @@ def validate(cfg: Any) -> None:
 
     if isinstance(cfg, TrainJobConfig):
         t, d = cfg.train, cfg.data
-        need(t.max_steps > 0 or t.max_samples > 0, "train.max_steps", "give max_steps or max_samples")
+        need(
+            t.max_steps > 0 or t.max_samples > 0, "train.max_steps", "give max_steps or max_samples"
+        )
         need(t.batch_size_per_worker > 0, "train.batch_size_per_worker", "must be > 0")
         need(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
         need(t.log_every > 0, "train.log_every", "must be > 0")
@@ -213,15 +217,21 @@ def validate(cfg: Any) -> None:
         need(cfg.scaling.num_workers >= 1, "scaling.num_workers", "must be >= 1")
         need(len(d.crop_scale) == 2, "data.crop_scale", "needs two numbers (min, max)")
         need(0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", "0 < min <= max <= 1")
-        need(len(d.decode_actors) == 2 and 1 <= d.decode_actors[0] <= d.decode_actors[1],
-             "data.decode_actors", "needs (min, max) with 1 <= min <= max")
+        need(
+            len(d.decode_actors) == 2 and 1 <= d.decode_actors[0] <= d.decode_actors[1],
+            "data.decode_actors",
+            "needs (min, max) with 1 <= min <= max",
+        )
         need(len(d.mean) == 3 and len(d.std) == 3, "data.mean", "mean and std need 3 values")
         need(bool(cfg.run.name.strip()), "run.name", "must not be empty")
         d.train_shards = _expand_paths("data.train_shards", d.train_shards)
     model = getattr(cfg, "model", None)
     if model is not None and getattr(model, "pretrained", ""):
-        need(os.path.isfile(model.pretrained), "model.pretrained",
-             f"weights file not found: {model.pretrained}")
+        need(
+            os.path.isfile(model.pretrained),
+            "model.pretrained",
+            f"weights file not found: {model.pretrained}",
+        )
 
 
 def to_yaml(cfg: Any) -> str:
@@ -256,7 +266,9 @@ def reference(schema: type) -> str:
 
     def walk(prefix: str, cls: type) -> None:
         for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            default = (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            )
             if dataclasses.is_dataclass(default):
                 walk(f"{prefix}{f.name}.", type(default))
                 continue
@@ -267,8 +279,12 @@ def reference(schema: type) -> str:
     return "\n".join(lines)
 
 
-def parse_job_args(schema: type[T], description: str, argv: list[str] | None = None,
-                   default_config: str | None = None) -> T:
+def parse_job_args(
+    schema: type[T],
+    description: str,
+    argv: list[str] | None = None,
+    default_config: str | None = None,
+) -> T:
     """The command line every job shares: ``--config FILE`` plus ``key.sub=value`` overrides.
     Config errors exit with status 2 and one line on stderr."""
     parser = argparse.ArgumentParser(
@@ -276,10 +292,14 @@ def parse_job_args(schema: type[T], description: str, argv: list[str] | None = N
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys (override with key.sub=value):\n" + reference(schema),
     )
-    parser.add_argument("--config", default=default_config,
-                        help=f"YAML file of overrides over the defaults (default: {default_config})")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config and exit")
+    parser.add_argument(
+        "--config",
+        default=default_config,
+        help=f"YAML file of overrides over the defaults (default: {default_config})",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args(argv)
     try:

@@ -26,13 +26,20 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 class ShardSink:
     """Writes samples to ``{prefix}-{i:06d}.tar`` with ``samples_per_shard`` samples each."""
 
-    def __init__(self, out_dir: str | Path, prefix: str = "shard", samples_per_shard: int = 1000):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        prefix: str = "shard",
+        samples_per_shard: int = 1000,
+        mtime: float | None = None,
+    ):
         if samples_per_shard < 1:
             raise ValueError("samples_per_shard must be >= 1")
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
         self.per_shard = samples_per_shard
+        self.mtime = mtime  # fixed tar header time: byte-identical shards for the same samples
         self.paths: list[str] = []
         self._writer: wds.TarWriter | None = None
         self._tmp: Path | None = None
@@ -42,7 +49,7 @@ class ShardSink:
         self._close_current()
         final = self.out_dir / f"{self.prefix}-{len(self.paths):06d}.tar"
         self._tmp = final.with_suffix(".tar.tmp")
-        self._writer = wds.TarWriter(str(self._tmp))
+        self._writer = wds.TarWriter(str(self._tmp), mtime=self.mtime)
         self.paths.append(str(final))
         self._count = 0
 
@@ -56,12 +63,14 @@ class ShardSink:
         if self._writer is None or self._count >= self.per_shard:
             self._rotate()
         assert self._writer is not None
-        self._writer.write({
-            "__key__": key,
-            "jpg": jpeg,
-            "txt": caption.encode("utf-8"),
-            "json": json.dumps(meta).encode("utf-8"),
-        })
+        self._writer.write(
+            {
+                "__key__": key,
+                "jpg": jpeg,
+                "txt": caption.encode("utf-8"),
+                "json": json.dumps(meta).encode("utf-8"),
+            }
+        )
         self._count += 1
 
     def close(self) -> None:
@@ -82,8 +91,10 @@ class ShardSummary:
     skipped_examples: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"wrote {self.written} samples in {len(self.shards)} shards, "
-                 f"skipped {self.skipped} unreadable images"]
+        lines = [
+            f"wrote {self.written} samples in {len(self.shards)} shards, "
+            f"skipped {self.skipped} unreadable images"
+        ]
         lines += [f"  skipped: {s}" for s in self.skipped_examples[:10]]
         return "\n".join(lines)
 
@@ -110,8 +121,9 @@ def pairs_from_folder(folder: str | Path) -> Iterator[tuple[str, str]]:
         yield str(img), caption
 
 
-def pairs_from_table(path: str | Path, image_col: str = "path",
-                     caption_col: str = "caption") -> Iterator[tuple[str, str]]:
+def pairs_from_table(
+    path: str | Path, image_col: str = "path", caption_col: str = "caption"
+) -> Iterator[tuple[str, str]]:
     """(image path, caption) rows of a CSV or parquet file; relative paths are resolved
     against the table's folder."""
     import pyarrow.csv as pcsv
@@ -129,15 +141,21 @@ def pairs_from_table(path: str | Path, image_col: str = "path",
         yield str(img_path), "" if cap is None else str(cap)
 
 
-def write_shards(pairs: Iterable[tuple[str, str]], out_dir: str | Path, prefix: str = "shard",
-                 samples_per_shard: int = 1000, total: int | None = None,
-                 progress: bool = True) -> ShardSummary:
+def write_shards(
+    pairs: Iterable[tuple[str, str]],
+    out_dir: str | Path,
+    prefix: str = "shard",
+    samples_per_shard: int = 1000,
+    total: int | None = None,
+    progress: bool = True,
+) -> ShardSummary:
     """Write (image path, caption) pairs to shards; unreadable images and empty captions are
     skipped and counted."""
     summary = ShardSummary()
     with ShardSink(out_dir, prefix, samples_per_shard) as sink:
-        for i, (img, caption) in enumerate(tqdm(pairs, total=total, disable=not progress,
-                                                 unit="img", desc="sharding")):
+        for i, (img, caption) in enumerate(
+            tqdm(pairs, total=total, disable=not progress, unit="img", desc="sharding")
+        ):
             if not caption.strip():
                 summary.skipped += 1
                 summary.skipped_examples.append(f"{img} (no caption)")

@@ -40,12 +40,27 @@ CLASS_NAMES = ["background", *SHAPES]
 COCO_CATEGORY_IDS = [1, 3, 7, 12, 20]
 
 _TEMPLATES = {
-    1: ["a photo of {a}.", "{a} on a textured background.", "there is {a} in the picture.",
-        "an image showing {a}.", "a close-up of {a}.", "just {a}, nothing else."],
-    2: ["{a} and {b}.", "{a} next to {b}.", "a photo with {a} and {b}.",
-        "two shapes: {a} and {b}.", "{b} beside {a} on a patterned background."],
-    3: ["{a}, {b} and {c}.", "three shapes: {a}, {b} and {c}.",
-        "a picture of {a}, {b} and {c}.", "{c} near {a} and {b}."],
+    1: [
+        "a photo of {a}.",
+        "{a} on a textured background.",
+        "there is {a} in the picture.",
+        "an image showing {a}.",
+        "a close-up of {a}.",
+        "just {a}, nothing else.",
+    ],
+    2: [
+        "{a} and {b}.",
+        "{a} next to {b}.",
+        "a photo with {a} and {b}.",
+        "two shapes: {a} and {b}.",
+        "{b} beside {a} on a patterned background.",
+    ],
+    3: [
+        "{a}, {b} and {c}.",
+        "three shapes: {a}, {b} and {c}.",
+        "a picture of {a}, {b} and {c}.",
+        "{c} near {a} and {b}.",
+    ],
 }
 
 
@@ -98,8 +113,20 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[f
         pts = [(r if i % 2 == 0 else 0.45 * r, angle + i * math.pi / 5) for i in range(10)]
     elif shape == "cross":
         a, b = r, r * 0.35
-        xy = [(b, a), (b, b), (a, b), (a, -b), (b, -b), (b, -a),
-              (-b, -a), (-b, -b), (-a, -b), (-a, b), (-b, b), (-b, a)]
+        xy = [
+            (b, a),
+            (b, b),
+            (a, b),
+            (a, -b),
+            (b, -b),
+            (b, -a),
+            (-b, -a),
+            (-b, -b),
+            (-a, -b),
+            (-a, b),
+            (-b, b),
+            (-b, a),
+        ]
         c, s = math.cos(angle), math.sin(angle)
         return [v for x, y in xy for v in (cx + c * x - s * y, cy + s * x + c * y)]
     else:
@@ -147,8 +174,14 @@ def make_scene(index: int, seed: int = 0, size: int = 128, crowd_prob: float = 0
             mask[m] = SHAPES.index(shape) + 1
             owner[m] = i
             areas.append(m.sum())
-            objects.append(ShapeObject(shape, colour, [round(v, 2) for v in poly],
-                                       crowd=bool(rng.random() < crowd_prob)))
+            objects.append(
+                ShapeObject(
+                    shape,
+                    colour,
+                    [round(v, 2) for v in poly],
+                    crowd=bool(rng.random() < crowd_prob),
+                )
+            )
         visible = [(owner == i).sum() / max(a, 1) for i, a in enumerate(areas)]
         if min(visible) >= 0.4:
             break
@@ -161,32 +194,45 @@ def make_scene(index: int, seed: int = 0, size: int = 128, crowd_prob: float = 0
     return Scene(f"{seed:04d}_{index:07d}", image, mask, objects, caption, labels)
 
 
-def scenes(num: int, seed: int = 0, size: int = 128, start: int = 0,
-           crowd_prob: float = 0.0) -> Iterator[Scene]:
+def scenes(
+    num: int, seed: int = 0, size: int = 128, start: int = 0, crowd_prob: float = 0.0
+) -> Iterator[Scene]:
     for i in range(start, start + num):
         yield make_scene(i, seed, size, crowd_prob)
 
 
 # ----------------------------------------------------------------------------- WebDataset
-def write_webdataset(out_dir: str | Path, num_images: int, seed: int = 0, size: int = 128,
-                     samples_per_shard: int = 128) -> list[str]:
+def write_webdataset(
+    out_dir: str | Path,
+    num_images: int,
+    seed: int = 0,
+    size: int = 128,
+    samples_per_shard: int = 128,
+) -> list[str]:
     """Image-text shards (``{key}.jpg``, ``{key}.txt``, ``{key}.json``); returns the tar paths."""
     from wsss_ray.data.shards import ShardSink  # local import: shards imports this module's peers
 
     out_dir = Path(out_dir)
-    with ShardSink(out_dir, prefix="shapes", samples_per_shard=samples_per_shard) as sink:
+    with ShardSink(
+        out_dir, prefix="shapes", samples_per_shard=samples_per_shard, mtime=0.0
+    ) as sink:
         for scene in scenes(num_images, seed, size):
             sink.write(scene.key, scene.jpeg(), scene.caption, scene.meta())
     return sink.paths
 
 
-def ensure_synthetic_shards(out_dir: str | Path, num_images: int, seed: int, size: int,
-                            samples_per_shard: int) -> list[str]:
+def ensure_synthetic_shards(
+    out_dir: str | Path, num_images: int, seed: int, size: int, samples_per_shard: int
+) -> list[str]:
     """Write the synthetic shards once; reuse them when the same settings exist already."""
     out_dir = Path(out_dir)
     stamp = out_dir / "SETTINGS.json"
-    settings = {"num_images": num_images, "seed": seed, "size": size,
-                "samples_per_shard": samples_per_shard}
+    settings = {
+        "num_images": num_images,
+        "seed": seed,
+        "size": size,
+        "samples_per_shard": samples_per_shard,
+    }
     if stamp.exists() and json.loads(stamp.read_text()) == settings:
         return sorted(str(p) for p in out_dir.glob("*.tar"))
     for old in out_dir.glob("*.tar"):
@@ -227,11 +273,17 @@ def with_boundaries(mask: np.ndarray, width: int = 1) -> np.ndarray:
     return out
 
 
-def write_voc(root: str | Path, num_train: int, num_val: int, seed: int = 0,
-              size: int = 128) -> Path:
+def write_voc(
+    root: str | Path, num_train: int, num_val: int, seed: int = 0, size: int = 128
+) -> Path:
     """A PASCAL VOC 2012 layout (the ``VOC2012`` folder itself) with SBD-style train_aug."""
     root = Path(root)
-    for sub in ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets/Segmentation"):
+    for sub in (
+        "JPEGImages",
+        "SegmentationClass",
+        "SegmentationClassAug",
+        "ImageSets/Segmentation",
+    ):
         (root / sub).mkdir(parents=True, exist_ok=True)
     palette = voc_palette()
     splits: dict[str, list[str]] = {"train": [], "val": []}
@@ -243,7 +295,9 @@ def write_voc(root: str | Path, num_train: int, num_val: int, seed: int = 0,
             pal = Image.fromarray(with_boundaries(scene.mask), mode="P")
             pal.putpalette(palette)
             pal.save(root / "SegmentationClass" / f"{name}.png")
-            Image.fromarray(scene.mask, mode="L").save(root / "SegmentationClassAug" / f"{name}.png")
+            Image.fromarray(scene.mask, mode="L").save(
+                root / "SegmentationClassAug" / f"{name}.png"
+            )
     sets = root / "ImageSets" / "Segmentation"
     for split, names in splits.items():
         (sets / f"{split}.txt").write_text("\n".join(names) + "\n")
@@ -264,14 +318,23 @@ def coco_semantic_mask(scene: Scene) -> np.ndarray:
     return out
 
 
-def write_coco(root: str | Path, num_train: int, num_val: int, seed: int = 0, size: int = 128,
-               crowd_prob: float = 0.15, rle_prob: float = 0.3) -> Path:
+def write_coco(
+    root: str | Path,
+    num_train: int,
+    num_val: int,
+    seed: int = 0,
+    size: int = 128,
+    crowd_prob: float = 0.15,
+    rle_prob: float = 0.3,
+) -> Path:
     """A COCO 2014 layout: ``train2014/``, ``val2014/``, ``annotations/instances_*2014.json``.
     Non-crowd objects are polygons or compressed RLE; crowd objects use uncompressed RLE."""
     root = Path(root)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
-    categories = [{"id": cid, "name": name, "supercategory": "shape"}
-                  for cid, name in zip(COCO_CATEGORY_IDS, SHAPES)]
+    categories = [
+        {"id": cid, "name": name, "supercategory": "shape"}
+        for cid, name in zip(COCO_CATEGORY_IDS, SHAPES)
+    ]
     ann_id = 1
     for split, start, num in (("train", 0, num_train), ("val", num_train, num_val)):
         folder = root / f"{split}2014"
@@ -286,7 +349,12 @@ def write_coco(root: str | Path, num_train: int, num_val: int, seed: int = 0, si
             for obj in scene.objects:
                 m = polygon_mask(obj.polygon, size, size)
                 ys, xs = np.nonzero(m)
-                bbox = [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)]
+                bbox = [
+                    float(xs.min()),
+                    float(ys.min()),
+                    float(np.ptp(xs) + 1),
+                    float(np.ptp(ys) + 1),
+                ]
                 if obj.crowd:
                     seg = _uncompressed_rle(m)
                 elif rng.random() < rle_prob:
@@ -294,15 +362,25 @@ def write_coco(root: str | Path, num_train: int, num_val: int, seed: int = 0, si
                     seg = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
                 else:
                     seg = [obj.polygon]
-                annotations.append({
-                    "id": ann_id, "image_id": image_id,
-                    "category_id": COCO_CATEGORY_IDS[obj.label - 1],
-                    "segmentation": seg, "area": float(m.sum()), "bbox": bbox,
-                    "iscrowd": int(obj.crowd),
-                })
+                annotations.append(
+                    {
+                        "id": ann_id,
+                        "image_id": image_id,
+                        "category_id": COCO_CATEGORY_IDS[obj.label - 1],
+                        "segmentation": seg,
+                        "area": float(m.sum()),
+                        "bbox": bbox,
+                        "iscrowd": int(obj.crowd),
+                    }
+                )
                 ann_id += 1
-        doc = {"info": {"description": "wsss_ray synthetic shapes"}, "licenses": [],
-               "images": images, "annotations": annotations, "categories": categories}
+        doc = {
+            "info": {"description": "wsss_ray synthetic shapes"},
+            "licenses": [],
+            "images": images,
+            "annotations": annotations,
+            "categories": categories,
+        }
         (root / "annotations" / f"instances_{split}2014.json").write_text(json.dumps(doc))
     return root
 

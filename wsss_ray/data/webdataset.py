@@ -54,15 +54,19 @@ def _tolerant_datasource_cls():
                     broken.append(f"{type(err).__name__}: {err}")
 
             rows: list[dict] = []
-            for sample in wdsrc._group_by_keys(files(), meta={"__url__": path},
-                                               suffixes=self.suffixes):
+            for sample in wdsrc._group_by_keys(
+                files(), meta={"__url__": path}, suffixes=self.suffixes
+            ):
                 rows.append(sample)
                 if len(rows) >= wdsrc.WEBDATASET_READ_CHUNK_SIZE:
                     yield pd.DataFrame.from_records(rows)
                     rows = []
             if broken:
-                log.warning("shard %s is truncated or corrupt (%s); the rest of it is skipped",
-                            path, broken[0])
+                log.warning(
+                    "shard %s is truncated or corrupt (%s); the rest of it is skipped",
+                    path,
+                    broken[0],
+                )
                 rows.append({"__key__": TRUNCATED_KEY, "__url__": path})
             if rows:
                 yield pd.DataFrame.from_records(rows)
@@ -78,8 +82,13 @@ def read_shards(paths: list[str], shuffle_files: bool = True, concurrency: int |
     if not paths:
         raise ValueError("no WebDataset shards given")
     cls = _tolerant_datasource_cls()
-    datasource = cls(paths, decoder=None, meta_provider=DefaultFileMetadataProvider(),
-                     shuffle="files" if shuffle_files else None, file_extensions=["tar"])
+    datasource = cls(
+        paths,
+        decoder=None,
+        meta_provider=DefaultFileMetadataProvider(),
+        shuffle="files" if shuffle_files else None,
+        file_extensions=["tar"],
+    )
     return ray.data.read_datasource(datasource, concurrency=concurrency)
 
 
@@ -93,8 +102,14 @@ def _as_bytes(value: Any) -> bytes | None:
 class ImageTextDecoder:
     """``map_batches`` callable (one per actor): raw WebDataset rows -> numeric columns."""
 
-    def __init__(self, tokenizer_name: str, image_size: int, crop_scale: tuple[float, float],
-                 hflip: bool, seed: int | None = None):
+    def __init__(
+        self,
+        tokenizer_name: str,
+        image_size: int,
+        crop_scale: tuple[float, float],
+        hflip: bool,
+        seed: int | None = None,
+    ):
         from torchvision.transforms import v2
 
         from wsss_ray.models.clip import tokenizer
@@ -147,18 +162,28 @@ class ImageTextDecoder:
         return {"image": image_arr, "text": tokens, "skipped": skipped}
 
 
-def image_text_dataset(paths: list[str], tokenizer_name: str, image_size: int,
-                       crop_scale: tuple[float, float] = (0.08, 1.0), hflip: bool = True,
-                       batch_size: int = 64, actors: tuple[int, int] = (1, 2),
-                       cpus_per_actor: float = 1.0):
+def image_text_dataset(
+    paths: list[str],
+    tokenizer_name: str,
+    image_size: int,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    hflip: bool = True,
+    batch_size: int = 64,
+    actors: tuple[int, int] = (1, 2),
+    cpus_per_actor: float = 1.0,
+):
     """The training dataset: tolerant read -> decode/crop/tokenize on a CPU actor pool."""
     from ray.data import ActorPoolStrategy
 
     ds = read_shards(paths)
     return ds.map_batches(
         ImageTextDecoder,
-        fn_constructor_kwargs={"tokenizer_name": tokenizer_name, "image_size": image_size,
-                               "crop_scale": tuple(crop_scale), "hflip": hflip},
+        fn_constructor_kwargs={
+            "tokenizer_name": tokenizer_name,
+            "image_size": image_size,
+            "crop_scale": tuple(crop_scale),
+            "hflip": hflip,
+        },
         batch_size=batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(min_size=actors[0], max_size=actors[1]),
@@ -166,8 +191,12 @@ def image_text_dataset(paths: list[str], tokenizer_name: str, image_size: int,
     )
 
 
-def normalize_images(images_BHWC: torch.Tensor, mean: list[float], std: list[float],
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def normalize_images(
+    images_BHWC: torch.Tensor,
+    mean: list[float],
+    std: list[float],
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """uint8 B x H x W x 3 -> normalised B x 3 x H x W in ``dtype`` (on the images' device)."""
     x = images_BHWC.permute(0, 3, 1, 2).float().div_(255.0)
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)

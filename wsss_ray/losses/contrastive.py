@@ -22,11 +22,13 @@ class GatheredContrastiveLoss(nn.Module):
         self.max_logit_scale = max_logit_scale
         on = dist.is_available() and dist.is_initialized()
         rank, world = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
-        self.clip_loss = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True,
-                                  rank=rank, world_size=world)
+        self.clip_loss = ClipLoss(
+            local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world
+        )
 
-    def forward(self, image_BD: torch.Tensor, text_BD: torch.Tensor,
-                log_scale: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, image_BD: torch.Tensor, text_BD: torch.Tensor, log_scale: torch.Tensor
+    ) -> torch.Tensor:
         """Embeddings need not be normalised; ``log_scale`` is the learnable log of s (1 elem)."""
         scale = log_scale.exp().clamp(max=self.max_logit_scale)
         image_BD = nn.functional.normalize(image_BD, dim=-1)

@@ -34,7 +34,9 @@ def check_config(cfg: Any) -> None:
             raise ConfigError(f"config error: model.name: {err.args[0]}") from None
         want = image_size(cfg.model.name)
         if cfg.data.image_size != want:
-            raise ConfigError(f"config error: data.image_size: {cfg.model.name} takes {want}px "
-                              f"inputs, got {cfg.data.image_size}")
+            raise ConfigError(
+                f"config error: data.image_size: {cfg.model.name} takes {want}px "
+                f"inputs, got {cfg.data.image_size}"
+            )
     elif cfg.task not in ("pgseg",):
         raise ConfigError(f"config error: task: unknown task '{cfg.task}'")

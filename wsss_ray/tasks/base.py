@@ -28,8 +28,10 @@ class Task(nn.Module):
             if not p.requires_grad:
                 continue
             (no_decay if p.ndim <= 1 else decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
 
     @torch.no_grad()
     def after_step(self) -> None:

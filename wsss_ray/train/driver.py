@@ -32,7 +32,6 @@ def init_ray(cfg: TrainJobConfig) -> None:
     """Join ``RAY_ADDRESS`` when set (cluster, ``ray job submit``), else start an embedded local
     Ray with enough logical CPUs for the train workers plus the decode actors."""
     import ray
-
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
@@ -57,10 +56,14 @@ def train_shards(cfg: TrainJobConfig) -> list[str]:
 
     syn = cfg.data.synthetic
     folder = Path(cfg.run.output_dir).resolve() / "synthetic_shards"
-    print(f"[wsss_ray] no data.train_shards given: using {syn.num_images} synthetic images "
-          f"in {folder}", flush=True)
-    return ensure_synthetic_shards(folder, syn.num_images, syn.seed, syn.image_size,
-                                   syn.samples_per_shard)
+    print(
+        f"[wsss_ray] no data.train_shards given: using {syn.num_images} synthetic images "
+        f"in {folder}",
+        flush=True,
+    )
+    return ensure_synthetic_shards(
+        folder, syn.num_images, syn.seed, syn.image_size, syn.samples_per_shard
+    )
 
 
 def build_datasets(cfg: TrainJobConfig, shards: list[str]) -> dict:
@@ -69,9 +72,18 @@ def build_datasets(cfg: TrainJobConfig, shards: list[str]) -> dict:
         from wsss_ray.tasks import tokenizer_name
 
         d = cfg.data
-        return {"train": image_text_dataset(
-            shards, tokenizer_name(cfg), d.image_size, tuple(d.crop_scale), d.hflip,
-            d.decode_batch_size, tuple(d.decode_actors), d.cpus_per_decode_actor)}
+        return {
+            "train": image_text_dataset(
+                shards,
+                tokenizer_name(cfg),
+                d.image_size,
+                tuple(d.crop_scale),
+                d.hflip,
+                d.decode_batch_size,
+                tuple(d.decode_actors),
+                d.cpus_per_decode_actor,
+            )
+        }
     raise ValueError(f"no dataset builder for task '{cfg.task}'")
 
 
@@ -80,9 +92,8 @@ def run(cfg: TrainJobConfig) -> RunSummary:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from wsss_ray.train.loop import train_loop_per_worker
-
     from wsss_ray.tasks import check_config
+    from wsss_ray.train.loop import train_loop_per_worker
 
     check_config(cfg)
     out = Path(cfg.run.output_dir).resolve()
@@ -95,23 +106,30 @@ def run(cfg: TrainJobConfig) -> RunSummary:
     init_ray(cfg)
     tracker = Tracker(uri, None)
     if cfg.tracking.enabled:
-        tracker = Tracker.open_run(uri, cfg.tracking.experiment, cfg.run.name, storage,
-                                   to_flat_dict(cfg), str(config_file))
+        tracker = Tracker.open_run(
+            uri, cfg.tracking.experiment, cfg.run.name, storage, to_flat_dict(cfg), str(config_file)
+        )
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
     if s.use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "tracking_uri": uri, "run_id": tracker.run_id,
-                           "storage": os.path.join(storage, cfg.run.name)},
-        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                               resources_per_worker=resources),
+        train_loop_config={
+            "cfg": cfg,
+            "tracking_uri": uri,
+            "run_id": tracker.run_id,
+            "storage": os.path.join(storage, cfg.run.name),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
+        ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
             storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.run.num_checkpoints_to_keep),
+                num_to_keep=cfg.run.num_checkpoints_to_keep
+            ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
         ),
         datasets=build_datasets(cfg, shards),
@@ -131,13 +149,20 @@ def run(cfg: TrainJobConfig) -> RunSummary:
 
 def print_summary(summary: RunSummary) -> None:
     m = summary.metrics
-    print("\n[wsss_ray] done: step {} loss {} ({} samples seen, {} skipped)".format(
-        m.get("step"), f"{m['loss']:.4f}" if "loss" in m else "n/a", m.get("samples"),
-        m.get("data/skipped")))
+    print(
+        "\n[wsss_ray] done: step {} loss {} ({} samples seen, {} skipped)".format(
+            m.get("step"),
+            f"{m['loss']:.4f}" if "loss" in m else "n/a",
+            m.get("samples"),
+            m.get("data/skipped"),
+        )
+    )
     print(f"[wsss_ray] checkpoint: {summary.checkpoint}")
     print(f"[wsss_ray] MLflow store: {summary.tracking_uri} (run {summary.mlflow_run_id})")
     if summary.tracking_uri.startswith("sqlite:///"):
-        print(f"[wsss_ray] dashboard: mlflow ui --backend-store-uri {summary.tracking_uri}"
-              "   (or: make mlflow-ui)")
+        print(
+            f"[wsss_ray] dashboard: mlflow ui --backend-store-uri {summary.tracking_uri}"
+            "   (or: make mlflow-ui)"
+        )
     if m.get("stopped_nonfinite"):
         print("[wsss_ray] the run stopped early on non-finite losses", flush=True)

@@ -91,13 +91,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     steps = total_steps(cfg)
     o = cfg.optim
-    optimizer = torch.optim.AdamW(task.param_groups(o.weight_decay), lr=o.lr,
-                                  betas=tuple(o.betas), eps=o.eps)
+    optimizer = torch.optim.AdamW(
+        task.param_groups(o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(o.lr, o.min_lr, o.warmup_start_lr, o.warmup_steps, steps))
+        optimizer, warmup_cosine(o.lr, o.min_lr, o.warmup_start_lr, o.warmup_steps, steps)
+    )
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=task, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg),
-        dist_init_required=False)
+        model=task,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg),
+        dist_init_required=False,
+    )
     dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
 
     state = {"samples": 0, "skipped": 0, "nonfinite": 0, "epoch": 0}
@@ -131,13 +137,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         elapsed = time.perf_counter() - window.start
         n = max(window.steps, 1) * world
         metrics = {k: v / n for k, v in zip(keys, sums)}
-        metrics.update({
-            "step": step, "samples": state["samples"], "epoch": state["epoch"],
-            "lr": scheduler.get_last_lr()[0],
-            "samples_per_s": window.samples * world / max(elapsed, 1e-9),
-            "data_wait_frac": window.data_wait / max(elapsed, 1e-9),
-            "data/skipped": state["skipped"], "nonfinite_skipped": state["nonfinite"],
-        })
+        metrics.update(
+            {
+                "step": step,
+                "samples": state["samples"],
+                "epoch": state["epoch"],
+                "lr": scheduler.get_last_lr()[0],
+                "samples_per_s": window.samples * world / max(elapsed, 1e-9),
+                "data_wait_frac": window.data_wait / max(elapsed, 1e-9),
+                "data/skipped": state["skipped"],
+                "nonfinite_skipped": state["nonfinite"],
+            }
+        )
         if stop_reason:
             metrics["stopped_nonfinite"] = 1
         if not with_checkpoint:
@@ -147,8 +158,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             client = {k: state[k] for k in ("samples", "skipped", "nonfinite", "epoch")}
             engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state=client)
             name = f"checkpoint_step_{step:08d}"
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=name)
+            ray.train.report(
+                metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name
+            )
             shutil.rmtree(tmp, ignore_errors=True)
             last_ckpt = step
             if is_main:
@@ -156,10 +168,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if is_main:
             tracker.log_metrics(metrics, step)
             terms = " ".join(f"{k} {metrics[k]:.4f}" for k in keys if k.endswith("_loss"))
-            say(f"[wsss_ray] step {step}/{steps} loss {metrics.get('loss', float('nan')):.4f} "
+            say(
+                f"[wsss_ray] step {step}/{steps} loss {metrics.get('loss', float('nan')):.4f} "
                 f"({terms}) lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s "
-                f"skipped {state['skipped']}" + (" [checkpoint]" if with_checkpoint else ""),
-                  flush=True)
+                f"skipped {state['skipped']}" + (" [checkpoint]" if with_checkpoint else "")
+            )
         window = _Window()
 
     state["skipped_local"] = 0
@@ -168,8 +181,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         got_batch = False
         t_wait = time.perf_counter()
         for batch in shard.iter_torch_batches(
-                batch_size=B, drop_last=True,
-                local_shuffle_buffer_size=cfg.data.local_shuffle_buffer or None):
+            batch_size=B,
+            drop_last=True,
+            local_shuffle_buffer_size=cfg.data.local_shuffle_buffer or None,
+        ):
             got_batch = True
             window.data_wait += time.perf_counter() - t_wait
             if "skipped" in batch:
@@ -181,8 +196,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 nonfinite_run += 1
                 state["nonfinite"] += 1
                 if nonfinite_run >= cfg.train.max_nonfinite:
-                    stop_reason = (f"{nonfinite_run} non-finite losses in a row at step {step}; "
-                                   "stopping (lower the lr or check the data)")
+                    stop_reason = (
+                        f"{nonfinite_run} non-finite losses in a row at step {step}; "
+                        "stopping (lower the lr or check the data)"
+                    )
                     if is_main:
                         say(f"[wsss_ray] {stop_reason}")
                     break
@@ -207,7 +224,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if not got_batch:
             raise RuntimeError(
                 f"the training data yields no full batch of {B} per worker; "
-                "use more data, fewer workers or a smaller train.batch_size_per_worker")
+                "use more data, fewer workers or a smaller train.batch_size_per_worker"
+            )
         if step < steps and not stop_reason:
             state["epoch"] += 1
     if step > last_ckpt:

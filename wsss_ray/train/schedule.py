@@ -7,8 +7,9 @@ import math
 from collections.abc import Callable
 
 
-def warmup_cosine(lr: float, min_lr: float, warmup_start_lr: float, warmup_steps: int,
-                  total_steps: int) -> Callable[[int], float]:
+def warmup_cosine(
+    lr: float, min_lr: float, warmup_start_lr: float, warmup_steps: int, total_steps: int
+) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup_steps:
             value = warmup_start_lr + (lr - warmup_start_lr) * step / warmup_steps

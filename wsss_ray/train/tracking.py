@@ -38,8 +38,15 @@ class Tracker:
             self._client = MlflowClient(tracking_uri=uri)
 
     @classmethod
-    def open_run(cls, uri: str, experiment: str, run_name: str, storage: str,
-                 params: dict[str, Any], config_file: str | None) -> Tracker:
+    def open_run(
+        cls,
+        uri: str,
+        experiment: str,
+        run_name: str,
+        storage: str,
+        params: dict[str, Any],
+        config_file: str | None,
+    ) -> Tracker:
         """Reuse the run of the same name and storage (a resume), else create it."""
         from mlflow.tracking import MlflowClient
 
@@ -48,21 +55,24 @@ class Tracker:
         exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
         found = client.search_runs(
             [exp_id],
-            filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}' and tags.`{STORAGE_TAG}` = '{storage}'",
+            filter_string=(
+                f"tags.`{RUN_NAME_TAG}` = '{run_name}' and tags.`{STORAGE_TAG}` = '{storage}'"
+            ),
             max_results=1,
         )
         if found:
             run_id = found[0].info.run_id
             client.update_run(run_id, status="RUNNING")
         else:
-            run = client.create_run(exp_id, run_name=run_name,
-                                    tags={RUN_NAME_TAG: run_name, STORAGE_TAG: storage})
+            run = client.create_run(
+                exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, STORAGE_TAG: storage}
+            )
             run_id = run.info.run_id
             from mlflow.entities import Param
 
             items = [Param(k, str(v)[:6000]) for k, v in params.items()]
             for i in range(0, len(items), 100):
-                client.log_batch(run_id, params=items[i:i + 100])
+                client.log_batch(run_id, params=items[i : i + 100])
         if config_file:
             client.log_artifact(run_id, config_file)
         return cls(uri, run_id)

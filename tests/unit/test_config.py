@@ -1,0 +1,92 @@
+"""Config: defaults <- YAML <- overrides, typed; one-line errors naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from wsss_ray.config import (
+    ClipPretrainConfig,
+    ConfigError,
+    load_config,
+    parse_job_args,
+    reference,
+    to_flat_dict,
+)
+
+
+def test_yaml_and_overrides_merge(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  max_steps: 7\n  batch_size_per_worker: 4\nmodel:\n  name: wsss-tiny\n")
+    cfg = load_config(ClipPretrainConfig, str(f), ["train.max_steps=9", "optim.lr=0.5"])
+    assert cfg.train.max_steps == 9 and cfg.train.batch_size_per_worker == 4
+    assert cfg.optim.lr == 0.5 and isinstance(cfg.optim.lr, float)
+    assert cfg.scaling.num_workers == 2  # default kept
+    assert to_flat_dict(cfg)["train.max_steps"] == 9
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("train.max_stepz=3", "unknown key 'train.max_stepz'"),
+        ("bogus=1", "unknown key 'bogus'"),
+        ("train.max_steps=abc", "train.max_steps"),
+        ("scaling.use_gpu=maybe", "scaling.use_gpu"),
+        ("train.precision=fp8", "train.precision"),
+        ("data.train_shards=[/no/such/dir]", "data.train_shards"),
+        ("model.pretrained=/no/such/weights.pt", "model.pretrained"),
+        ("train.max_steps", "key=value"),
+    ],
+)
+def test_errors_name_the_key_in_one_line(override, needle):
+    base = [] if override.startswith("train.max_steps") else ["train.max_steps=1"]
+    with pytest.raises(ConfigError) as err:
+        load_config(ClipPretrainConfig, None, [*base, override])
+    msg = str(err.value)
+    assert needle in msg and "\n" not in msg and msg.startswith("config error:")
+
+
+def test_training_length_is_required():
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        load_config(ClipPretrainConfig, None, [])
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(ClipPretrainConfig, "/no/such.yaml", [])
+
+
+def test_cli_exits_2_with_one_line(capsys):
+    with pytest.raises(SystemExit) as ex:
+        parse_job_args(ClipPretrainConfig, "x", ["train.nope=1"])
+    assert ex.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "config error: unknown key 'train.nope'"
+
+
+def test_shipped_configs_load(tmp_path):
+    (tmp_path / "a.tar").write_bytes(b"")
+    for path in ("configs/clip/tiny.yaml", "configs/clip/vit_b16.yaml"):
+        cfg = load_config(ClipPretrainConfig, path, [f"data.train_shards=[{tmp_path}]"])
+        assert cfg.data.train_shards == [str(tmp_path / "a.tar")]
+
+
+def test_reference_lists_every_key():
+    ref = reference(ClipPretrainConfig)
+    for key in (
+        "train.max_steps",
+        "data.synthetic.num_images",
+        "scaling.num_workers",
+        "model.name",
+        "run.storage_path",
+        "tracking.uri",
+    ):
+        assert f"  {key} = " in ref
+
+
+def test_readme_config_reference_is_current():
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[2] / "README.md"
+    assert reference(ClipPretrainConfig) in readme.read_text(), (
+        "README's config reference is stale: paste reference(ClipPretrainConfig)"
+    )
