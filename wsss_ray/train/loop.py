@@ -49,6 +49,26 @@ def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
     return t.tolist()
 
 
+class NonFiniteGuard:
+    """Counts non-finite losses; after ``limit`` in a row it returns the reason to stop."""
+
+    def __init__(self, limit: int, total: int = 0):
+        self.limit, self.total, self.run = limit, total, 0
+
+    def update(self, finite: bool, step: int) -> str:
+        if finite:
+            self.run = 0
+            return ""
+        self.run += 1
+        self.total += 1
+        if self.run >= self.limit:
+            return (
+                f"{self.run} non-finite losses in a row at step {step}; "
+                "stopping (lower the lr or check the data)"
+            )
+        return ""
+
+
 class _Window:
     """Sums over the steps since the last report (loss terms, metrics, timing)."""
 
@@ -125,7 +145,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     B = cfg.train.batch_size_per_worker
     window = _Window()
-    nonfinite_run, stop_reason = 0, ""
+    guard, stop_reason = NonFiniteGuard(cfg.train.max_nonfinite, state["nonfinite"]), ""
     last_ckpt = start_step
 
     def report(step: int, with_checkpoint: bool) -> None:
@@ -192,20 +212,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             losses, metrics = engine(_prepare(batch, cfg, dtype))
             total = sum(v for k, v in losses.items() if k.endswith("_loss"))
             finite = _all_reduce([float(torch.isfinite(total.detach()).all())], "min")[0] > 0
+            stop_reason = guard.update(finite, step)
+            state["nonfinite"] = guard.total
+            if stop_reason:
+                if is_main:
+                    say(f"[wsss_ray] {stop_reason}")
+                break
             if not finite:
-                nonfinite_run += 1
-                state["nonfinite"] += 1
-                if nonfinite_run >= cfg.train.max_nonfinite:
-                    stop_reason = (
-                        f"{nonfinite_run} non-finite losses in a row at step {step}; "
-                        "stopping (lower the lr or check the data)"
-                    )
-                    if is_main:
-                        say(f"[wsss_ray] {stop_reason}")
-                    break
                 t_wait = time.perf_counter()
                 continue
-            nonfinite_run = 0
             engine.backward(total)
             engine.step()
             state["samples"] += B * world

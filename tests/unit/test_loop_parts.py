@@ -1,0 +1,50 @@
+"""Pieces of the training loop that need no cluster: non-finite guard, schedule, DS config."""
+
+from __future__ import annotations
+
+import math
+
+from wsss_ray.config import ClipPretrainConfig, load_config
+from wsss_ray.train.deepspeed_config import deepspeed_config, total_steps
+from wsss_ray.train.loop import NonFiniteGuard
+from wsss_ray.train.schedule import warmup_cosine
+
+
+def test_nonfinite_guard_stops_after_k_in_a_row_only():
+    g = NonFiniteGuard(limit=3)
+    pattern = [True, False, False, True, False, False, True]
+    assert all(g.update(f, i) == "" for i, f in enumerate(pattern))  # never 3 in a row
+    assert g.total == 4
+    assert g.update(False, 7) == "" and g.update(False, 8) == ""
+    reason = g.update(False, 9)
+    assert reason.startswith("3 non-finite losses in a row at step 9") and g.total == 7
+
+
+def test_warmup_cosine_endpoints():
+    f = warmup_cosine(lr=1e-3, min_lr=1e-5, warmup_start_lr=1e-6, warmup_steps=10, total_steps=110)
+    assert math.isclose(f(0) * 1e-3, 1e-6)
+    assert math.isclose(f(10) * 1e-3, 1e-3)
+    assert math.isclose(f(60) * 1e-3, (1e-3 + 1e-5) / 2)
+    assert math.isclose(f(110) * 1e-3, 1e-5)
+    assert all(f(i) >= f(i + 1) for i in range(10, 110))
+
+
+def test_deepspeed_config_and_length_from_samples():
+    cfg = load_config(
+        ClipPretrainConfig,
+        None,
+        [
+            "train.max_samples=1000",
+            "train.batch_size_per_worker=8",
+            "train.grad_accum=2",
+            "scaling.num_workers=4",
+            "train.zero_stage=2",
+        ],
+    )
+    assert total_steps(cfg) == math.ceil(1000 / 64)
+    ds = deepspeed_config(cfg)
+    assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 2
+    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] is False
+    assert ds["gradient_clipping"] == 5.0
+    gpu = load_config(ClipPretrainConfig, None, ["train.max_steps=1", "scaling.use_gpu=true"])
+    assert deepspeed_config(gpu)["bf16"]["enabled"] is True
