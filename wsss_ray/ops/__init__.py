@@ -1,0 +1,1 @@
+"""Numerical building blocks without learnable weights (EM prototypes, matching, ...). No Ray."""
