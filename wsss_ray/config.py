@@ -148,6 +148,53 @@ class ClipPretrainConfig(TrainJobConfig):
     model: ClipModelConfig = field(default_factory=ClipModelConfig)
 
 
+@dataclass
+class PGSegModelConfig:
+    size: str = _f("tiny", "named size: vit_s (the paper's ViT-S) | tiny (CPU)")
+    pretrained: str = _f("", "GroupViT/PGSeg checkpoint to start from ('' = random init)")
+    gumbel_tau: float = _f(1.0, "Gumbel temperature of the hard assignment (training only)")
+    init_logit_scale: float = _f(1 / 0.07, "initial image-text logit scale")
+    max_logit_scale: float = _f(100.0, "clamp on the logit scales")
+
+
+@dataclass
+class NPRConfig:
+    enabled: bool = _f(True, "PG units on the image side (EM prototypes + reconstruction)")
+    iters: int = _f(10, "EM iterations T")
+    momentum: float = _f(0.9, "EMA momentum of the prototype buffer")
+    image_ema: bool = _f(True, "update the image-side buffer (the reference never does: a bug)")
+    text_mode: str = _f("tokens", "text prototypes: tokens (ours) | reference | none")
+
+
+@dataclass
+class MatchConfig:
+    maximize: bool = _f(True, "Hungarian on max similarity (false = the reference's min)")
+
+
+@dataclass
+class HRSConfig:
+    phi: float = _f(0.1, "hard rejection threshold on the min-max normalised similarity")
+    reference_column0: bool = _f(False, "test column 0 instead of the diagonal (reference bug)")
+
+
+@dataclass
+class PGSegLossConfig:
+    it: float = _f(1.0, "weight of the image-text loss L_IT")
+    pg: float = _f(0.1, "weight of each image-side L_PG (stage 1 and 2)")
+    pg_text: float = _f(0.01, "weight of the text-side L_PG")
+    pg_init_scale: float = _f(10.0, "initial L_PG logit scale (1/0.1)")
+
+
+@dataclass
+class PGSegPretrainConfig(TrainJobConfig):
+    task: str = "pgseg"
+    model: PGSegModelConfig = field(default_factory=PGSegModelConfig)
+    npr: NPRConfig = field(default_factory=NPRConfig)
+    match: MatchConfig = field(default_factory=MatchConfig)
+    hrs: HRSConfig = field(default_factory=HRSConfig)
+    loss: PGSegLossConfig = field(default_factory=PGSegLossConfig)
+
+
 # ------------------------------------------------------------------------------- loading
 def _explain(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None) or "?"

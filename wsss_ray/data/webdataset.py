@@ -109,12 +109,13 @@ class ImageTextDecoder:
         crop_scale: tuple[float, float],
         hflip: bool,
         seed: int | None = None,
+        context_length: int | None = None,
     ):
         from torchvision.transforms import v2
 
         from wsss_ray.models.clip import tokenizer
 
-        self.tokenizer = tokenizer(tokenizer_name)
+        self.tokenizer = tokenizer(tokenizer_name, context_length)
         self.image_size = image_size
         ops: list[Any] = [v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True)]
         if hflip:
@@ -171,6 +172,7 @@ def image_text_dataset(
     batch_size: int = 64,
     actors: tuple[int, int] = (1, 2),
     cpus_per_actor: float = 1.0,
+    context_length: int | None = None,
 ):
     """The training dataset: tolerant read -> decode/crop/tokenize on a CPU actor pool."""
     from ray.data import ActorPoolStrategy
@@ -183,6 +185,7 @@ def image_text_dataset(
             "image_size": image_size,
             "crop_scale": tuple(crop_scale),
             "hflip": hflip,
+            "context_length": context_length,
         },
         batch_size=batch_size,
         batch_format="numpy",

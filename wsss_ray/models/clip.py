@@ -53,6 +53,6 @@ def create_clip(name: str, pretrained: str = "", init_logit_scale: float = 1 / 0
     return model
 
 
-def tokenizer(name: str):
+def tokenizer(name: str, context_length: int | None = None):
     """open_clip's BPE tokenizer for ``name`` (bundled vocabulary; no download)."""
-    return open_clip.get_tokenizer(name)
+    return open_clip.get_tokenizer(name, context_length=context_length)

@@ -15,12 +15,20 @@ def build_task(cfg: Any) -> Task:
         from wsss_ray.tasks.clip import ClipTask
 
         return ClipTask(cfg)
+    if cfg.task == "pgseg":
+        from wsss_ray.tasks.pgseg import PGSegTask
+
+        return PGSegTask(cfg)
     raise ValueError(f"unknown task '{cfg.task}'")
 
 
-def tokenizer_name(cfg: Any) -> str:
-    """The open_clip tokenizer the data pipeline uses for this task's text tower."""
-    return cfg.model.name
+def tokenizer_spec(cfg: Any) -> tuple[str, int | None]:
+    """(open_clip tokenizer name, context length) for this task's text tower."""
+    if cfg.task == "pgseg":
+        from wsss_ray.models.pgseg import SIZES
+
+        return "ViT-B-16", SIZES[cfg.model.size].context_length  # CLIP BPE
+    return cfg.model.name, None
 
 
 def check_config(cfg: Any) -> None:
@@ -38,5 +46,21 @@ def check_config(cfg: Any) -> None:
                 f"config error: data.image_size: {cfg.model.name} takes {want}px "
                 f"inputs, got {cfg.data.image_size}"
             )
-    elif cfg.task not in ("pgseg",):
+    elif cfg.task == "pgseg":
+        from wsss_ray.models.pgseg import SIZES
+
+        if cfg.model.size not in SIZES:
+            raise ConfigError(
+                f"config error: model.size: unknown size '{cfg.model.size}' "
+                f"(known: {', '.join(sorted(SIZES))})"
+            )
+        want = SIZES[cfg.model.size].image_size
+        if cfg.data.image_size != want:
+            raise ConfigError(
+                f"config error: data.image_size: PGSeg {cfg.model.size} takes "
+                f"{want}px inputs, got {cfg.data.image_size}"
+            )
+        if cfg.npr.text_mode not in ("tokens", "reference", "none"):
+            raise ConfigError("config error: npr.text_mode: tokens | reference | none")
+    else:
         raise ConfigError(f"config error: task: unknown task '{cfg.task}'")

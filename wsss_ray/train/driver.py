@@ -69,21 +69,22 @@ def train_shards(cfg: TrainJobConfig) -> list[str]:
 def build_datasets(cfg: TrainJobConfig, shards: list[str]) -> dict:
     if cfg.task in ("clip", "pgseg"):
         from wsss_ray.data.webdataset import image_text_dataset
-        from wsss_ray.tasks import tokenizer_name
+        from wsss_ray.tasks import tokenizer_spec
 
         d = cfg.data
-        return {
-            "train": image_text_dataset(
-                shards,
-                tokenizer_name(cfg),
-                d.image_size,
-                tuple(d.crop_scale),
-                d.hflip,
-                d.decode_batch_size,
-                tuple(d.decode_actors),
-                d.cpus_per_decode_actor,
-            )
-        }
+        name, context_length = tokenizer_spec(cfg)
+        train = image_text_dataset(
+            shards,
+            name,
+            d.image_size,
+            tuple(d.crop_scale),
+            d.hflip,
+            d.decode_batch_size,
+            tuple(d.decode_actors),
+            d.cpus_per_decode_actor,
+            context_length,
+        )
+        return {"train": train}
     raise ValueError(f"no dataset builder for task '{cfg.task}'")
 
 

@@ -1,0 +1,119 @@
+"""PGSeg model: shapes per stage, Gumbel only in training, gradients through L_PG, checkpoint
+loading with name mapping, and the task's loss terms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wsss_ray.config import PGSegPretrainConfig, load_config
+from wsss_ray.models.groupvit import AssignAttention
+from wsss_ray.models.pgseg import SIZES, PGSeg, load_groupvit_checkpoint
+from wsss_ray.tasks import build_task
+
+
+def _batch(size, b=4):
+    s = SIZES[size]
+    torch.manual_seed(0)
+    tokens = torch.randint(1, 1000, (b, s.context_length))
+    tokens[:, 9:] = 0
+    return {"image": torch.randn(b, 3, s.image_size, s.image_size), "text": tokens}
+
+
+def test_output_shapes_per_stage():
+    m = PGSeg("tiny")
+    s = m.size
+    batch = _batch("tiny")
+    out = m.encode_image(batch["image"])
+    n_patches = (s.image_size // s.patch_size) ** 2
+    assert out["embed"].shape == (4, s.proj_dim)
+    assert len(out["stages"]) == 2
+    (st1, st2) = out["stages"]
+    assert st1["groups"].shape == (4, s.group_tokens[0], s.dim)
+    assert st1["protos"].shape == (4, s.group_tokens[0], s.dim)
+    assert st1["attn_soft"].shape == (4, s.output_groups[0], n_patches)
+    assert st2["groups"].shape == (4, s.group_tokens[1], s.dim)
+    assert st2["attn_soft"].shape == (4, s.output_groups[1], s.output_groups[0])
+    assert out["tokens"].shape == (4, s.output_groups[1], s.dim)
+    # hard assignments are one-hot over groups; soft ones are distributions over groups
+    assert torch.all(st1["attn_hard"].sum(1) == 1)
+    assert torch.allclose(st1["attn_soft"].sum(1), torch.ones(4, n_patches), atol=1e-5)
+    text = m.encode_text(batch["text"])
+    assert text["embed"].shape == (4, s.proj_dim)
+    assert m.text_prototypes(text, batch["text"]).shape == (4, s.group_tokens[1], s.dim)
+
+
+def test_gumbel_noise_only_in_training():
+    torch.manual_seed(0)
+    a = AssignAttention(16)
+    g, x = torch.randn(2, 4, 16), torch.randn(2, 30, 16)
+    a.eval()
+    (o1, d1), (o2, _) = a(g, x), a(g, x)
+    assert torch.equal(o1, o2)
+    assert torch.equal(d1["hard"].argmax(1), d1["soft"].argmax(1))  # eval: argmax of the softmax
+    a.train()
+    picks = [a(g, x)[1]["hard"].argmax(1) for _ in range(5)]
+    assert any(not torch.equal(picks[0], p) for p in picks[1:])  # noise changes assignments
+
+
+def test_straight_through_gradient_reaches_assignment_queries():
+    a = AssignAttention(8)
+    a.train()
+    out, _ = a(torch.randn(1, 3, 8), torch.randn(1, 10, 8))
+    out.sum().backward()
+    assert a.q.weight.grad is not None and a.q.weight.grad.abs().sum() > 0
+
+
+def test_lpg_alone_reaches_group_tokens():
+    cfg = load_config(
+        PGSegPretrainConfig, "configs/pgseg/tiny.yaml", ["loss.it=0", "loss.pg_text=0"]
+    )
+    task = build_task(cfg)
+    losses, metrics = task.training_forward(_batch("tiny"))
+    assert set(losses) == {"it_loss", "pg1_loss", "pg2_loss", "pg_text_loss"}
+    (losses["pg1_loss"] + losses["pg2_loss"]).backward()
+    layers = task.model.img_encoder.layers
+    assert layers[0].group_token.grad.abs().sum() > 0
+    assert layers[1].group_projector[1].fc1.weight.grad.abs().sum() > 0
+    for key in ("hrs_kept_1", "hrs_kept_2", "group_usage_1", "group_usage_2"):
+        assert 0 <= metrics[key] <= 1
+
+
+@pytest.mark.parametrize("mode", ["tokens", "reference", "none"])
+def test_text_modes(mode):
+    cfg = load_config(PGSegPretrainConfig, "configs/pgseg/tiny.yaml", [f"npr.text_mode={mode}"])
+    losses, _ = build_task(cfg).training_forward(_batch("tiny"))
+    assert ("pg_text_loss" in losses) == (mode != "none")
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_load_groupvit_style_checkpoint(tmp_path):
+    src = PGSeg("tiny")
+    state = {f"module.{k}": v for k, v in src.state_dict().items() if "recon" not in k}
+    state["module.logit_scale"] = torch.tensor(2.5)  # GroupViT keeps a 0-d scale
+    state["module.img_encoder.extra_head.weight"] = torch.zeros(3)
+    torch.save({"model": state}, tmp_path / "groupvit.pth")
+    dst = PGSeg("tiny")
+    report = load_groupvit_checkpoint(dst, str(tmp_path / "groupvit.pth"))
+    assert report["unexpected"] == ["img_encoder.extra_head.weight"]
+    assert report["missing"] and all("recon" in k for k in report["missing"])
+    assert torch.equal(dst.img_encoder.pos_embed, src.img_encoder.pos_embed)
+    assert dst.logit_scale.shape == (1,) and float(dst.logit_scale) == 2.5
+    with pytest.raises(FileNotFoundError):
+        load_groupvit_checkpoint(dst, str(tmp_path / "nope.pth"))
+
+
+@pytest.mark.slow
+def test_vit_s_one_training_step_on_cpu():
+    cfg = load_config(
+        PGSegPretrainConfig, None, ["model.size=vit_s", "data.image_size=224", "train.max_steps=1"]
+    )
+    task = build_task(cfg)
+    task.train()
+    opt = torch.optim.AdamW(task.parameters(), lr=1e-4)
+    losses, _ = task.training_forward(_batch("vit_s", b=8))
+    total = sum(losses.values())
+    total.backward()
+    opt.step()
+    assert torch.isfinite(total)
+    assert sum(p.numel() for p in task.model.parameters()) > 50e6

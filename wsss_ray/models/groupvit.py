@@ -1,0 +1,270 @@
+"""GroupViT-style image encoder with PGSeg's PG units (METHODS.md 1.1 and 1.3).
+
+Patch tokens are grouped twice: stage 1 concatenates 64 learnable group tokens to the 196 patch
+tokens for 6 transformer layers, then a grouping block assigns every patch to one group (Gumbel
+hard assignment with straight-through, training only) and returns 64 segment tokens; stage 2
+does the same with 8 group tokens (zeros plus a token-mixing projection of stage 1's group
+tokens); stage 3 runs 3 layers over the 8 segments. Module names follow GroupViT's so its
+checkpoints load with a prefix map (``wsss_ray.models.pgseg.load_groupvit_checkpoint``).
+
+The PG unit of each grouping stage runs EM (no gradient) over the stage's input tokens, adds a
+projected reconstruction ``Z mu`` to the stage's output tokens before the grouping block, and
+exposes the prototypes and the pre-assignment group tokens for L_PG.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+from torch import nn
+
+from wsss_ray.ops.gmm import EMPrototypes
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, out: int | None = None):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = (
+            nn.Linear(dim, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, out or dim),
+        )
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class MixerMlp(Mlp):
+    """An MLP over the token axis: B x K_in x C -> B x K_out x C."""
+
+    def forward(self, x):
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head attention; ``kv`` given = cross-attention (queries from ``x``)."""
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = True):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v = (nn.Linear(dim, dim, bias=qkv_bias) for _ in range(3))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, kv=None):
+        kv = x if kv is None else kv
+        B, N, C = x.shape
+        h = self.heads
+
+        def split(t):  # B x L x C -> B x h x L x C/h
+            return t.reshape(B, t.shape[1], h, C // h).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(kv)), split(self.v(kv)))
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class AttnBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class CrossAttnBlock(nn.Module):
+    """Group tokens attend to image tokens (the pre-assignment block), post-normalised."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm_q, self.norm_k = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, int(dim * mlp_ratio))
+        self.norm_post = nn.LayerNorm(dim)
+
+    def forward(self, q, kv):
+        x = q + self.attn(self.norm_q(q), self.norm_k(kv))
+        x = x + self.mlp(self.norm2(x))
+        return self.norm_post(x)
+
+
+class AssignAttention(nn.Module):
+    """One-head attention whose softmax runs over the *group* axis: each image token picks a
+    group. Training adds Gumbel noise (tau) and takes the hard argmax with a straight-through
+    gradient; the assignment is normalised by (tokens per group + 1)."""
+
+    def __init__(self, dim: int, gumbel_tau: float = 1.0, assign_eps: float = 1.0):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(dim, dim) for _ in range(3))
+        self.proj = nn.Linear(dim, dim)
+        self.scale, self.tau, self.eps = dim**-0.5, gumbel_tau, assign_eps
+
+    def forward(self, groups_BKC, x_BNC):
+        raw = self.q(groups_BKC) @ self.k(x_BNC).transpose(1, 2) * self.scale  # B x K x N
+        soft = raw.softmax(dim=1)
+        if self.training:
+            gumbel = -torch.empty_like(raw).exponential_().log()
+            y = ((raw + gumbel) / self.tau).softmax(dim=1)
+        else:
+            y = soft
+        index = y.argmax(dim=1, keepdim=True)
+        hard = torch.zeros_like(y).scatter_(1, index, 1.0)
+        assign = hard - y.detach() + y  # straight-through
+        out = (assign / (assign.sum(dim=-1, keepdim=True) + self.eps)) @ self.v(x_BNC)
+        return self.proj(out), {"soft": soft, "hard": hard}
+
+
+class GroupingBlock(nn.Module):
+    """K group tokens -> ``num_out`` segment tokens by assigning image tokens to them."""
+
+    def __init__(self, dim: int, heads: int, num_group: int, num_out: int, gumbel_tau: float):
+        super().__init__()
+        self.norm_tokens, self.norm_x = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.mlp_inter = MixerMlp(num_group, dim // 2, num_out)
+        self.norm_post_tokens = nn.LayerNorm(dim)
+        self.pre_assign_attn = CrossAttnBlock(dim, heads)
+        self.assign = AssignAttention(dim, gumbel_tau)
+        self.norm_new_x = nn.LayerNorm(dim)
+        self.mlp_channels = Mlp(dim, 4 * dim)
+
+    def forward(self, x_BNC, groups_BKC):
+        x = self.norm_x(x_BNC)
+        g = self.norm_post_tokens(self.mlp_inter(self.norm_tokens(groups_BKC)))
+        g = self.pre_assign_attn(g, x)  # G: the group tokens L_PG regularises (before Gumbel)
+        new_x, attn = self.assign(g, x)
+        new_x = new_x + g
+        new_x = new_x + self.mlp_channels(self.norm_new_x(new_x))
+        return new_x, attn, g
+
+
+class GroupingLayer(nn.Module):
+    """One stage: transformer layers over [tokens; group tokens], the PG unit, the grouping."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        depth: int,
+        num_group: int,
+        num_out: int,
+        drop_path: list[float],
+        prev_num_group: int,
+        npr: dict,
+        gumbel_tau: float,
+    ):
+        super().__init__()
+        self.blocks = nn.ModuleList(AttnBlock(dim, heads, drop_path=d) for d in drop_path)
+        self.num_group = num_group
+        self.downsample = None
+        if num_group > 0:
+            self.group_token = nn.Parameter(torch.zeros(1, num_group, dim))
+            if prev_num_group > 0:  # stage 2+: zeros + a projection of the previous groups
+                self.group_projector = nn.Sequential(
+                    nn.LayerNorm(dim), MixerMlp(prev_num_group, dim // 2, num_group)
+                )
+            else:
+                self.group_projector = None
+                trunc_normal_(self.group_token, std=0.02)
+            self.downsample = GroupingBlock(dim, heads, num_group, num_out, gumbel_tau)
+            self.em = EMPrototypes(num_group, dim, npr["iters"], npr["momentum"], npr["ema"])
+            self.recon = Mlp(dim, npr["hidden"], dim) if npr["enabled"] else None
+
+    def forward(self, x, prev_groups=None):
+        out: dict = {}
+        if self.downsample is None:
+            for blk in self.blocks:
+                x = blk(x)
+            return x, None, out
+        protos = z = None
+        if self.recon is not None:
+            protos, z = self.em(x)  # on the stage's input tokens, no gradient
+        groups = self.group_token.expand(x.shape[0], -1, -1)
+        if self.group_projector is not None:
+            groups = groups + self.group_projector(prev_groups)
+        n = x.shape[1]
+        xg = torch.cat([x, groups], dim=1)
+        for blk in self.blocks:
+            xg = blk(xg)
+        x, groups = xg[:, :n], xg[:, n:]
+        if self.recon is not None:
+            x = x + self.recon((z @ protos).to(x.dtype))  # reconstruction X_hat = Z mu
+        new_x, attn, g = self.downsample(x, groups)
+        out.update(attn_soft=attn["soft"], attn_hard=attn["hard"], groups=g, protos=protos)
+        return new_x, groups, out
+
+
+class GroupViT(nn.Module):
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        dim: int,
+        heads: int,
+        depths: list[int],
+        group_tokens: list[int],
+        output_groups: list[int],
+        drop_path: float,
+        npr: dict,
+        gumbel_tau: float = 1.0,
+    ):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, patch_size, patch_size)
+        self.patch_norm = nn.LayerNorm(dim)
+        self.grid = image_size // patch_size
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid**2, dim))
+        trunc_normal_(self.pos_embed, std=0.02)
+        dpr = torch.linspace(0, drop_path, sum(depths)).tolist()
+        self.layers = nn.ModuleList()
+        start, prev = 0, 0
+        for i, depth in enumerate(depths):
+            num_out = output_groups[i] if i < len(output_groups) else 0
+            self.layers.append(
+                GroupingLayer(
+                    dim,
+                    heads,
+                    depth,
+                    group_tokens[i],
+                    num_out,
+                    dpr[start : start + depth],
+                    prev,
+                    npr,
+                    gumbel_tau,
+                )
+            )
+            start, prev = start + depth, group_tokens[i]
+        self.norm = nn.LayerNorm(dim)
+        self.apply(_init)
+
+    def interpolate_pos(self, h: int, w: int) -> torch.Tensor:
+        if h == w == self.grid:
+            return self.pos_embed
+        pos = self.pos_embed.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
+        pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False)
+        return pos.permute(0, 2, 3, 1).reshape(1, h * w, -1)
+
+    def forward(self, image_BCHW) -> dict:
+        """Returns the pooled feature and, per grouping stage, the group tokens G, prototypes,
+        and soft/hard assignments (B x K x N)."""
+        x = self.patch_embed(image_BCHW)  # B x C x h x w
+        h, w = x.shape[-2:]
+        x = self.patch_norm(x.flatten(2).transpose(1, 2)) + self.interpolate_pos(h, w)
+        stages, groups = [], None
+        for layer in self.layers:
+            x, groups, out = layer(x, groups)
+            if out:
+                stages.append(out)
+        x = self.norm(x)
+        return {"pooled": x.mean(dim=1), "tokens": x, "stages": stages, "grid": (h, w)}
+
+
+def _init(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)

@@ -1,0 +1,92 @@
+"""PGSeg pretraining (METHODS.md 1.3-1.5): image-text contrastive loss plus prototype guidance.
+
+    L = w_it L_IT + w_pg (L_PG^stage1 + L_PG^stage2) + w_text L_PG^text
+
+Per grouping stage, the group tokens G (after the pre-assignment cross-attention, before Gumbel)
+are Hungarian-matched to that stage's EM prototypes and pulled towards them by L_PG with hard
+rejection; text prototypes (``npr.text_mode``) are matched to the stage-2 group tokens.
+Metrics: every loss term (unweighted as ``*_raw``), the fraction of pairs kept by hard rejection,
+and group-token usage (the fraction of group tokens that receive at least one token).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from wsss_ray.config import PGSegPretrainConfig
+from wsss_ray.losses.contrastive import GatheredContrastiveLoss
+from wsss_ray.losses.prototype import PrototypeLoss
+from wsss_ray.models.pgseg import PGSeg, load_groupvit_checkpoint
+from wsss_ray.ops.matching import gather_matched, hungarian_match
+from wsss_ray.tasks.base import Task
+
+
+class PGSegTask(Task):
+    def __init__(self, cfg: PGSegPretrainConfig):
+        super().__init__()
+        m, n = cfg.model, cfg.npr
+        self.model = PGSeg(
+            m.size,
+            n.iters,
+            n.momentum,
+            n.image_ema,
+            n.enabled,
+            n.text_mode,
+            m.gumbel_tau,
+            m.init_logit_scale,
+        )
+        if m.pretrained:
+            report = load_groupvit_checkpoint(self.model, m.pretrained)
+            print(
+                f"[wsss_ray] loaded {len(report['loaded'])} tensors from {m.pretrained}; "
+                f"missing {len(report['missing'])}, unexpected {len(report['unexpected'])}, "
+                f"shape-mismatched {len(report['mismatched'])}"
+            )
+        self.it_loss = GatheredContrastiveLoss(m.max_logit_scale)
+        hrs = cfg.hrs
+        n_stages = len(self.model.size.output_groups)
+        self.pg_losses = nn_list(
+            PrototypeLoss(hrs.phi, cfg.loss.pg_init_scale, m.max_logit_scale, hrs.reference_column0)
+            for _ in range(n_stages + 1)
+        )  # one per image stage + the text side
+        self.weights = cfg.loss
+        self.maximize = cfg.match.maximize
+        self.npr_enabled = n.enabled
+
+    def _pg(self, i: int, groups, protos):
+        perm = hungarian_match(groups.detach(), protos, maximize=self.maximize)
+        return self.pg_losses[i](groups, gather_matched(protos.to(groups.dtype), perm))
+
+    def training_forward(self, batch):
+        image = self.model.encode_image(batch["image"])
+        text = self.model.encode_text(batch["text"])
+        w = self.weights
+        it = self.it_loss(
+            image["embed"].float(), text["embed"].float(), self.model.logit_scale.float()
+        )
+        losses = {"it_loss": w.it * it}
+        metrics = {"it_raw": float(it.detach())}
+        for s, stage in enumerate(image["stages"], start=1):
+            hard = stage["attn_hard"]  # B x K x N, one-hot over K
+            metrics[f"group_usage_{s}"] = float((hard.sum(-1) > 0).float().mean())
+            if self.npr_enabled:
+                loss, kept = self._pg(s - 1, stage["groups"], stage["protos"])
+                losses[f"pg{s}_loss"] = w.pg * loss
+                metrics[f"pg{s}_raw"], metrics[f"hrs_kept_{s}"] = float(loss.detach()), kept
+        text_protos = self.model.text_prototypes(text, batch["text"])
+        if text_protos is not None:
+            loss, kept = self._pg(len(image["stages"]), image["stages"][-1]["groups"], text_protos)
+            losses["pg_text_loss"] = w.pg_text * loss
+            metrics["pg_text_raw"], metrics["hrs_kept_text"] = float(loss.detach()), kept
+        return losses, metrics
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        cap = torch.log(torch.tensor(self.it_loss.max_logit_scale))
+        self.model.logit_scale.clamp_(max=cap)
+        for loss in self.pg_losses:
+            loss.log_scale.clamp_(max=cap)
+
+
+def nn_list(modules) -> torch.nn.ModuleList:
+    return torch.nn.ModuleList(list(modules))
