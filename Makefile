@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)  ## the main job on the embedded default (local Ray, local MLflow, synthetic data)
-	$(BIN)/python jobs/pretrain_clip.py --config configs/clip/tiny.yaml run.output_dir=outputs/demo
+	$(BIN)/python jobs/pretrain_pgseg.py --config configs/pgseg/tiny.yaml run.output_dir=outputs/demo
 
-demo-clip: demo
+demo-clip: $(STAMP)  ## the tiny CLIP on the same embedded default
+	$(BIN)/python jobs/pretrain_clip.py --config configs/clip/tiny.yaml run.output_dir=outputs/demo
 
 test: $(STAMP)  ## the default suite (CPU, < 20 min on 2 cores)
 	$(BIN)/python -m pytest -q

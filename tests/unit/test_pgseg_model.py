@@ -61,7 +61,7 @@ def test_straight_through_gradient_reaches_assignment_queries():
     a.train()
     out, _ = a(torch.randn(1, 3, 8), torch.randn(1, 10, 8))
     out.sum().backward()
-    assert a.q.weight.grad is not None and a.q.weight.grad.abs().sum() > 0
+    assert a.q_proj.weight.grad is not None and a.q_proj.weight.grad.abs().sum() > 0
 
 
 def test_lpg_alone_reaches_group_tokens():

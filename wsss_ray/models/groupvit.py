@@ -43,23 +43,33 @@ class MixerMlp(Mlp):
 
 
 class Attention(nn.Module):
-    """Multi-head attention; ``kv`` given = cross-attention (queries from ``x``)."""
+    """Multi-head attention. Self-attention uses one fused ``qkv`` projection, cross-attention
+    separate ``q_proj``/``k_proj``/``v_proj`` (GroupViT's parameter names)."""
 
-    def __init__(self, dim: int, heads: int, qkv_bias: bool = True):
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = True, fused: bool = True):
         super().__init__()
-        self.heads = heads
-        self.q, self.k, self.v = (nn.Linear(dim, dim, bias=qkv_bias) for _ in range(3))
+        self.heads, self.fused = heads, fused
+        if fused:
+            self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        else:
+            self.q_proj, self.k_proj, self.v_proj = (
+                nn.Linear(dim, dim, bias=qkv_bias) for _ in range(3)
+            )
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, kv=None):
-        kv = x if kv is None else kv
         B, N, C = x.shape
         h = self.heads
 
         def split(t):  # B x L x C -> B x h x L x C/h
             return t.reshape(B, t.shape[1], h, C // h).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(kv)), split(self.v(kv)))
+        if self.fused:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        else:
+            kv = x if kv is None else kv
+            q, k, v = self.q_proj(x), self.k_proj(kv), self.v_proj(kv)
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v))
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
@@ -76,17 +86,17 @@ class AttnBlock(nn.Module):
 
 
 class CrossAttnBlock(nn.Module):
-    """Group tokens attend to image tokens (the pre-assignment block), post-normalised."""
+    """Group tokens attend to image tokens (the pre-assignment block). Post-normalised: its
+    inputs arrive normalised by the grouping block, so there is no pre-norm on q and kv."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
         super().__init__()
-        self.norm_q, self.norm_k = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
+        self.attn = Attention(dim, heads, fused=False)
         self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, int(dim * mlp_ratio))
         self.norm_post = nn.LayerNorm(dim)
 
     def forward(self, q, kv):
-        x = q + self.attn(self.norm_q(q), self.norm_k(kv))
+        x = q + self.attn(q, kv)
         x = x + self.mlp(self.norm2(x))
         return self.norm_post(x)
 
@@ -98,12 +108,12 @@ class AssignAttention(nn.Module):
 
     def __init__(self, dim: int, gumbel_tau: float = 1.0, assign_eps: float = 1.0):
         super().__init__()
-        self.q, self.k, self.v = (nn.Linear(dim, dim) for _ in range(3))
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim) for _ in range(3))
         self.proj = nn.Linear(dim, dim)
         self.scale, self.tau, self.eps = dim**-0.5, gumbel_tau, assign_eps
 
     def forward(self, groups_BKC, x_BNC):
-        raw = self.q(groups_BKC) @ self.k(x_BNC).transpose(1, 2) * self.scale  # B x K x N
+        raw = self.q_proj(groups_BKC) @ self.k_proj(x_BNC).transpose(1, 2) * self.scale  # B x K x N
         soft = raw.softmax(dim=1)
         if self.training:
             gumbel = -torch.empty_like(raw).exponential_().log()
@@ -113,7 +123,7 @@ class AssignAttention(nn.Module):
         index = y.argmax(dim=1, keepdim=True)
         hard = torch.zeros_like(y).scatter_(1, index, 1.0)
         assign = hard - y.detach() + y  # straight-through
-        out = (assign / (assign.sum(dim=-1, keepdim=True) + self.eps)) @ self.v(x_BNC)
+        out = (assign / (assign.sum(dim=-1, keepdim=True) + self.eps)) @ self.v_proj(x_BNC)
         return self.proj(out), {"soft": soft, "hard": hard}
 
 
@@ -211,8 +221,9 @@ class GroupViT(nn.Module):
         gumbel_tau: float = 1.0,
     ):
         super().__init__()
-        self.patch_embed = nn.Conv2d(3, dim, patch_size, patch_size)
-        self.patch_norm = nn.LayerNorm(dim)
+        self.patch_embed = nn.Module()  # GroupViT's names: patch_embed.proj, patch_embed.norm
+        self.patch_embed.proj = nn.Conv2d(3, dim, patch_size, patch_size)
+        self.patch_embed.norm = nn.LayerNorm(dim)
         self.grid = image_size // patch_size
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid**2, dim))
         trunc_normal_(self.pos_embed, std=0.02)
@@ -248,9 +259,9 @@ class GroupViT(nn.Module):
     def forward(self, image_BCHW) -> dict:
         """Returns the pooled feature and, per grouping stage, the group tokens G, prototypes,
         and soft/hard assignments (B x K x N)."""
-        x = self.patch_embed(image_BCHW)  # B x C x h x w
+        x = self.patch_embed.proj(image_BCHW)  # B x C x h x w
         h, w = x.shape[-2:]
-        x = self.patch_norm(x.flatten(2).transpose(1, 2)) + self.interpolate_pos(h, w)
+        x = self.patch_embed.norm(x.flatten(2).transpose(1, 2)) + self.interpolate_pos(h, w)
         stages, groups = [], None
         for layer in self.layers:
             x, groups, out = layer(x, groups)
