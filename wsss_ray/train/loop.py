@@ -107,6 +107,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train.seed)  # identical init on every rank
     task = build_task(cfg)
+    if cfg.scaling.use_gpu and world > 1:  # batch statistics over the global batch (NCCL only)
+        task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(task)
     torch.manual_seed(cfg.train.seed + 1009 * rank)  # independent noise per rank
 
     steps = total_steps(cfg)
