@@ -3,12 +3,8 @@ gradient) on the same global batch."""
 
 from __future__ import annotations
 
-import os
-import socket
-
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _dist import spawn_gloo
 
 from wsss_ray.losses.contrastive import GatheredContrastiveLoss
 
@@ -33,9 +29,7 @@ def _reference(img, txt, log_scale):
     )
 
 
-def _worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _worker(rank, out):
     img, txt = _batch()
     img = img[rank * B : (rank + 1) * B].clone().requires_grad_(True)
     txt = txt[rank * B : (rank + 1) * B].clone().requires_grad_(True)
@@ -43,15 +37,10 @@ def _worker(rank, port, out):
     loss = GatheredContrastiveLoss()(img, txt, log_scale)
     loss.backward()
     out[rank] = (loss.item(), img.grad.clone(), txt.grad.clone(), log_scale.grad.clone())
-    dist.destroy_process_group()
 
 
 def test_two_workers_equal_single_process():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_worker, args=(port, out), nprocs=2, join=True)
+    out = spawn_gloo(_worker)
 
     img, txt = _batch()
     img.requires_grad_(True)

@@ -4,13 +4,10 @@ matching vs brute force, hard rejection, and where gradients flow."""
 from __future__ import annotations
 
 import itertools
-import os
-import socket
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from _dist import spawn_gloo
 
 from wsss_ray.losses.prototype import PrototypeLoss, hard_rejection_keep
 from wsss_ray.ops.gmm import EMPrototypes, em_prototypes
@@ -56,9 +53,7 @@ def test_em_mask_ignores_padding():
     assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a, c, atol=1e-5)
 
 
-def _ema_worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _ema_worker(rank, out):
     torch.manual_seed(0)
     em = EMPrototypes(4, 8, momentum=0.9)  # same mu0 on both ranks
     out[f"mu0_{rank}"] = em.mu0.clone()
@@ -67,15 +62,10 @@ def _ema_worker(rank, port, out):
     out[f"mu_{rank}"] = mu
     em.update_buffer(mu)
     out[f"after_{rank}"] = em.mu0.clone()
-    dist.destroy_process_group()
 
 
 def test_ema_on_two_workers_is_the_mean_of_both():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_ema_worker, args=(port, out), nprocs=2, join=True)
+    out = spawn_gloo(_ema_worker)
     mean = (out["mu_0"].mean(0) + out["mu_1"].mean(0)) / 2
     expected = F.normalize(0.9 * out["mu0_0"] + 0.1 * mean, dim=-1)
     assert torch.allclose(out["after_0"], expected, atol=1e-6)
