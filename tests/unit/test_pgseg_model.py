@@ -117,3 +117,16 @@ def test_vit_s_one_training_step_on_cpu():
     opt.step()
     assert torch.isfinite(total)
     assert sum(p.numel() for p in task.model.parameters()) > 50e6
+
+
+def test_bf16_forward_and_backward():
+    """What DeepSpeed does with bf16 on: module (buffers included) and images in bf16."""
+    cfg = load_config(PGSegPretrainConfig, "configs/pgseg/tiny.yaml", [])
+    task = build_task(cfg).to(torch.bfloat16)
+    batch = _batch("tiny")
+    batch["image"] = batch["image"].to(torch.bfloat16)
+    losses, _ = task.training_forward(batch)
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert task.model.img_encoder.layers[0].group_token.grad.dtype == torch.bfloat16

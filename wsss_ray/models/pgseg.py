@@ -138,7 +138,7 @@ class PGSeg(nn.Module):
                 mu, _ = self.text_em(text["tokens"].detach(), mask_BN=tokens != 0)
             else:  # reference: the embedding's scalars as 1-d tokens
                 mu, _ = self.text_em(text["pooled"].detach().unsqueeze(-1))
-            return mu.float() @ self.text_to_group
+            return mu.float() @ self.text_to_group.float()
 
 
 def load_groupvit_checkpoint(model: PGSeg, path: str) -> dict[str, list[str]]:
