@@ -16,10 +16,10 @@ def test_pgseg_trains_and_logs_every_term(ray_local, tmp_path):
         [
             f"run.output_dir={tmp_path}",
             "train.max_steps=24",
-            "train.batch_size_per_worker=16",
+            "train.batch_size_per_worker=32",
             "train.log_every=6",
             "train.ckpt_every=24",
-            "data.synthetic.num_images=384",
+            "data.synthetic.num_images=1024",
             "data.synthetic.image_size=64",
             "optim.warmup_steps=2",
             "data.decode_actors=[1,1]",
@@ -48,4 +48,5 @@ def test_pgseg_trains_and_logs_every_term(ray_local, tmp_path):
             client.get_metric_history(summary.mlflow_run_id, "loss"), key=lambda m: m.step
         )
     ]
-    assert len(loss) == 4 and loss[-1] < loss[0] - 0.2, loss
+    print("pgseg e2e loss per report:", loss)
+    assert len(loss) == 4 and loss[-1] < loss[0] - 0.25, loss

@@ -18,10 +18,10 @@ def _cfg(out, steps):
             f"run.output_dir={out}",
             "run.name=e2e",
             f"train.max_steps={steps}",
-            "train.batch_size_per_worker=16",
+            "train.batch_size_per_worker=32",
             "train.log_every=4",
             "train.ckpt_every=8",
-            "data.synthetic.num_images=384",
+            "data.synthetic.num_images=1024",
             "data.synthetic.image_size=64",
             "optim.warmup_steps=2",
             "data.decode_actors=[1,1]",
@@ -40,8 +40,9 @@ def test_train_resume_and_mlflow(ray_local, tmp_path):
             client.get_metric_history(first.mlflow_run_id, "loss"), key=lambda m: m.step
         )
     ]
+    print("clip e2e loss per report:", loss)
     assert len(loss) == 4
-    assert loss[-1] < loss[0] - 0.2, loss  # it learns
+    assert loss[-1] < loss[0] - 0.25, loss  # it learns
 
     second = run(_cfg(tmp_path, 24))
     assert second.mlflow_run_id == first.mlflow_run_id  # same MLflow run continues
@@ -49,10 +50,10 @@ def test_train_resume_and_mlflow(ray_local, tmp_path):
     assert sorted(m.value for m in resumed) == [0, 16]
     steps = sorted(m.step for m in client.get_metric_history(second.mlflow_run_id, "loss"))
     assert steps == [4, 8, 12, 16, 20, 24]  # continued from 16, not restarted at 0
-    assert second.metrics["step"] == 24 and second.metrics["samples"] == 24 * 32
+    assert second.metrics["step"] == 24 and second.metrics["samples"] == 24 * 64
 
     data = client.get_run(first.mlflow_run_id).data
-    assert data.params["train.batch_size_per_worker"] == "16"
+    assert data.params["train.batch_size_per_worker"] == "32"
     assert data.params["model.name"] == "wsss-tiny"
     for key in ("samples_per_s", "data/skipped", "contrastive_loss", "lr"):
         assert key in data.metrics
