@@ -17,7 +17,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from open_clip.transformer import TextTransformer
 from torch import nn
 
@@ -168,7 +167,3 @@ def load_groupvit_checkpoint(model: PGSeg, path: str) -> dict[str, list[str]]:
         "unexpected": sorted(unexpected),
         "mismatched": mismatched,
     }
-
-
-def l2(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x, dim=-1)
