@@ -60,4 +60,7 @@ def test_train_resume_and_mlflow(ray_local, tmp_path):
     assert data.tags["checkpoint/final"].endswith("checkpoint_step_00000024")
     artifacts = [a.path for a in client.list_artifacts(first.mlflow_run_id)]
     assert "config.yaml" in artifacts
+    # artifacts live beside the database, not in ./mlruns of the working directory
+    artifact_uri = client.get_run(first.mlflow_run_id).info.artifact_uri
+    assert artifact_uri.startswith((tmp_path / "mlartifacts").as_uri()), artifact_uri
     assert (tmp_path / "e2e" / "config.yaml").exists()

@@ -45,7 +45,7 @@ class PGSegTask(Task):
         self.it_loss = GatheredContrastiveLoss(m.max_logit_scale)
         hrs = cfg.hrs
         n_stages = len(self.model.size.output_groups)
-        self.pg_losses = nn_list(
+        self.pg_losses = torch.nn.ModuleList(
             PrototypeLoss(hrs.phi, cfg.loss.pg_init_scale, m.max_logit_scale, hrs.reference_column0)
             for _ in range(n_stages + 1)
         )  # one per image stage + the text side
@@ -86,7 +86,3 @@ class PGSegTask(Task):
         self.model.logit_scale.clamp_(max=cap)
         for loss in self.pg_losses:
             loss.log_scale.clamp_(max=cap)
-
-
-def nn_list(modules) -> torch.nn.ModuleList:
-    return torch.nn.ModuleList(list(modules))

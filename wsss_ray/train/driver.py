@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from wsss_ray.config import TrainJobConfig, save_resolved, to_flat_dict
-from wsss_ray.train.tracking import Tracker, tracking_uri
+from wsss_ray.train.tracking import Tracker, local_artifact_location, tracking_uri
 
 
 @dataclass
@@ -108,7 +108,13 @@ def run(cfg: TrainJobConfig) -> RunSummary:
     tracker = Tracker(uri, None)
     if cfg.tracking.enabled:
         tracker = Tracker.open_run(
-            uri, cfg.tracking.experiment, cfg.run.name, storage, to_flat_dict(cfg), str(config_file)
+            uri,
+            cfg.tracking.experiment,
+            cfg.run.name,
+            storage,
+            to_flat_dict(cfg),
+            str(config_file),
+            local_artifact_location(uri, str(out)),
         )
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}

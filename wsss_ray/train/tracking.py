@@ -1,7 +1,8 @@
 """MLflow tracking: the driver opens (or reopens, on resume) one run per Ray Train run name and
 logs the resolved config; rank 0 logs metrics, throughput, skipped samples and checkpoint paths.
 
-Default tracking URI: ``sqlite:///<output_dir>/mlflow.db`` (MLflow 3 refuses plain file stores);
+Default tracking URI: ``sqlite:///<output_dir>/mlflow.db`` (MLflow 3 refuses plain file stores),
+artifacts in ``<output_dir>/mlartifacts``;
 ``MLFLOW_TRACKING_URI`` (or ``tracking.uri``) points at a server for clusters. We use
 ``MlflowClient`` with explicit run ids so workers never depend on a global active run.
 """
@@ -15,6 +16,14 @@ from typing import Any
 
 RUN_NAME_TAG = "wsss_ray.run_name"
 STORAGE_TAG = "wsss_ray.storage"
+
+
+def local_artifact_location(uri: str, output_dir: str) -> str | None:
+    """With a local sqlite store MLflow would put artifacts in ``./mlruns`` of whatever the
+    working directory is; keep them beside the database instead."""
+    if uri.startswith("sqlite:"):
+        return (Path(output_dir).resolve() / "mlartifacts").as_uri()
+    return None
 
 
 def tracking_uri(cfg_uri: str, output_dir: str) -> str:
@@ -46,13 +55,20 @@ class Tracker:
         storage: str,
         params: dict[str, Any],
         config_file: str | None,
+        artifact_location: str | None = None,
     ) -> Tracker:
-        """Reuse the run of the same name and storage (a resume), else create it."""
+        """Reuse the run of the same name and storage (a resume), else create it.
+        ``artifact_location`` applies when the experiment is created (a tracking server
+        chooses its own when it is None)."""
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        exp_id = (
+            exp.experiment_id
+            if exp
+            else client.create_experiment(experiment, artifact_location=artifact_location)
+        )
         found = client.search_runs(
             [exp_id],
             filter_string=(
