@@ -148,6 +148,76 @@ class ClipPretrainConfig(TrainJobConfig):
     model: ClipModelConfig = field(default_factory=ClipModelConfig)
 
 
+# ------------------------------------------------------------------------- segmentation
+SEG_KINDS = ("voc", "coco", "context")
+
+
+@dataclass
+class SyntheticSegConfig:
+    num_train: int = _f(64, "synthetic VOC-layout train images (when data.root is '')")
+    num_val: int = _f(48, "synthetic VOC-layout val images")
+    image_size: int = _f(128, "side of the generated images")
+    seed: int = _f(1, "generator seed (1: disjoint from the pretraining shards' seed 0)")
+
+
+@dataclass
+class SegDataConfig:
+    kind: str = _f("voc", "voc | coco | context")
+    root: str = _f("", "VOC2012 / COCO 2014 / VOC2010 (Context) folder; '' = synthetic VOC layout")
+    split: str = _f("val", "split (voc: train, val, train_aug; coco: train, val; context: val)")
+    max_images: int = _f(0, "use the first N images of the split (0 = all)")
+    synthetic: SyntheticSegConfig = field(default_factory=SyntheticSegConfig)
+
+
+@dataclass
+class ZeroShotConfig:
+    templates: list[str] = _f(["a photo of a {}."], "prompt templates, averaged per class")
+    topk: int = _f(5, "restrict each image to its top-k classes by the pooled embedding (0 = off)")
+    bg_thresh: float = _f(
+        -1.0, "background threshold; < 0 = dataset default (VOC .95 COCO .85 Context .36)"
+    )
+    short_side: int = _f(448, "resize the short side to this before sliding")
+    window: int = _f(448, "sliding window side")
+    stride: int = _f(224, "sliding window stride")
+
+
+@dataclass
+class InferenceConfig:
+    actors: list[int] = _f([1, 2], "inference actor pool size (min, max)")
+    cpus_per_actor: float = _f(1.0, "logical CPUs per inference actor")
+    gpus_per_actor: float = _f(-1.0, "GPUs per actor; < 0 = 1 when the cluster has GPUs, else 0")
+    batch_size: int = _f(8, "images per map_batches call")
+
+
+@dataclass
+class PeriodicEvalConfig:
+    every: int = _f(0, "zero-shot validation every N steps and at the end (0 = off)")
+    data: SegDataConfig = field(default_factory=lambda: SegDataConfig(max_images=32))
+    zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+
+
+@dataclass
+class EvalModelConfig:
+    size: str = _f("tiny", "named PGSeg size the checkpoint was trained with")
+    checkpoint: str = _f(
+        "", "Ray run folder, checkpoint folder or .pt file ('' = untrained model, for smoke tests)"
+    )
+
+
+@dataclass
+class PGSegEvalConfig:
+    task: str = "pgseg_eval"
+    model: EvalModelConfig = field(default_factory=EvalModelConfig)
+    data: SegDataConfig = field(default_factory=SegDataConfig)
+    zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    infer: InferenceConfig = field(default_factory=InferenceConfig)
+    num_overlays: int = _f(4, "image | ground truth | prediction overlays logged to MLflow")
+    seed: int = _f(0, "seed of the random-group baseline")
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="eval_pgseg"))
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
 @dataclass
 class PGSegModelConfig:
     size: str = _f("tiny", "named size: vit_s (the paper's ViT-S) | tiny (CPU)")
@@ -193,6 +263,7 @@ class PGSegPretrainConfig(TrainJobConfig):
     match: MatchConfig = field(default_factory=MatchConfig)
     hrs: HRSConfig = field(default_factory=HRSConfig)
     loss: PGSegLossConfig = field(default_factory=PGSegLossConfig)
+    eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
 
 
 # ------------------------------------------------------------------------------- loading
@@ -272,6 +343,38 @@ def validate(cfg: Any) -> None:
         need(len(d.mean) == 3 and len(d.std) == 3, "data.mean", "mean and std need 3 values")
         need(bool(cfg.run.name.strip()), "run.name", "must not be empty")
         d.train_shards = _expand_paths("data.train_shards", d.train_shards)
+    for key, sec in _seg_sections(cfg):
+        need(sec.kind in SEG_KINDS, f"{key}.kind", f"one of {', '.join(SEG_KINDS)}")
+        need(not sec.root or os.path.isdir(sec.root), f"{key}.root", f"no such folder: {sec.root}")
+        need(sec.max_images >= 0, f"{key}.max_images", "must be >= 0")
+        need(
+            bool(sec.root) or sec.kind == "voc", f"{key}.root", "synthetic data is VOC layout only"
+        )
+    for key, z in _zero_shot_sections(cfg):
+        need(
+            all("{}" in t for t in z.templates) and bool(z.templates),
+            f"{key}.templates",
+            "every template needs a {} for the class name",
+        )
+        need(z.window > 0 and 0 < z.stride <= z.window, f"{key}.stride", "0 < stride <= window")
+        need(z.short_side > 0, f"{key}.short_side", "must be > 0")
+        need(z.topk >= 0, f"{key}.topk", "must be >= 0")
+    infer = getattr(cfg, "infer", None)
+    if isinstance(infer, InferenceConfig):
+        need(
+            len(infer.actors) == 2 and 1 <= infer.actors[0] <= infer.actors[1],
+            "infer.actors",
+            "needs (min, max) with 1 <= min <= max",
+        )
+        need(infer.batch_size > 0, "infer.batch_size", "must be > 0")
+    if isinstance(cfg, PGSegEvalConfig) and cfg.model.checkpoint:
+        need(
+            os.path.exists(cfg.model.checkpoint),
+            "model.checkpoint",
+            f"no such file or folder: {cfg.model.checkpoint}",
+        )
+    if isinstance(cfg, PGSegPretrainConfig):
+        need(cfg.eval.every >= 0, "eval.every", "must be >= 0")
     model = getattr(cfg, "model", None)
     if model is not None and getattr(model, "pretrained", ""):
         need(
@@ -279,6 +382,22 @@ def validate(cfg: Any) -> None:
             "model.pretrained",
             f"weights file not found: {model.pretrained}",
         )
+
+
+def _seg_sections(cfg: Any) -> list[tuple[str, SegDataConfig]]:
+    if isinstance(cfg, PGSegEvalConfig):
+        return [("data", cfg.data)]
+    if isinstance(cfg, PGSegPretrainConfig) and cfg.eval.every:
+        return [("eval.data", cfg.eval.data)]
+    return []
+
+
+def _zero_shot_sections(cfg: Any) -> list[tuple[str, ZeroShotConfig]]:
+    if isinstance(cfg, PGSegEvalConfig):
+        return [("zero_shot", cfg.zero_shot)]
+    if isinstance(cfg, PGSegPretrainConfig) and cfg.eval.every:
+        return [("eval.zero_shot", cfg.eval.zero_shot)]
+    return []
 
 
 def to_yaml(cfg: Any) -> str:

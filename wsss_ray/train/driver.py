@@ -8,14 +8,14 @@ joins a cluster unchanged), opens the MLflow run and fits a ``TorchTrainer``. Th
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from wsss_ray.config import TrainJobConfig, save_resolved, to_flat_dict
-from wsss_ray.train.tracking import Tracker, local_artifact_location, tracking_uri
+from wsss_ray.runtime import start_ray
+from wsss_ray.tracking import Tracker, local_artifact_location, tracking_uri
 
 
 @dataclass
@@ -29,24 +29,11 @@ class RunSummary:
 
 
 def init_ray(cfg: TrainJobConfig) -> None:
-    """Join ``RAY_ADDRESS`` when set (cluster, ``ray job submit``), else start an embedded local
-    Ray with enough logical CPUs for the train workers plus the decode actors."""
-    import ray
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False
-    if ray.is_initialized():
-        return
-    # Our per-step lines are the progress output; Ray Data's bars would drown them.
-    env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}
-    os.environ.update(env)
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": env})
-        return
+    """Join ``RAY_ADDRESS`` when set, else an embedded local Ray with enough logical CPUs for
+    the train workers plus the decode actors."""
     d, s = cfg.data, cfg.scaling
     needed = s.num_workers * s.cpus_per_worker + d.decode_actors[1] * d.cpus_per_decode_actor + 1
-    num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
+    start_ray(needed, cfg.ray.num_cpus)
 
 
 def train_shards(cfg: TrainJobConfig) -> list[str]:
@@ -93,6 +80,7 @@ def run(cfg: TrainJobConfig) -> RunSummary:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from wsss_ray.eval.periodic import load_validation_set
     from wsss_ray.tasks import check_config
     from wsss_ray.train.loop import train_loop_per_worker
 
@@ -127,6 +115,7 @@ def run(cfg: TrainJobConfig) -> RunSummary:
             "tracking_uri": uri,
             "run_id": tracker.run_id,
             "storage": os.path.join(storage, cfg.run.name),
+            "val": load_validation_set(cfg, out),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources

@@ -24,16 +24,16 @@ import time
 from collections import defaultdict
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from wsss_ray.data.webdataset import normalize_images
+from wsss_ray.eval.checkpoint import CKPT_TAG
 from wsss_ray.tasks import build_task
+from wsss_ray.tracking import Tracker
 from wsss_ray.train.deepspeed_config import deepspeed_config, total_steps, use_bf16
 from wsss_ray.train.schedule import warmup_cosine
-from wsss_ray.train.tracking import Tracker
-
-CKPT_TAG = "ckpt"
 
 
 def say(msg: str) -> None:
@@ -144,13 +144,33 @@ def train_loop_per_worker(loop_config: dict) -> None:
         say(f"[wsss_ray] {cfg.task}: {world} workers, {steps} steps, {where}")
         tracker.log_metrics({"resumed_from_step": start_step}, start_step)
 
+    validate, every_eval = None, 0
+    if loop_config.get("val"):
+        from wsss_ray.eval.periodic import build_validator
+
+        validate, every_eval = build_validator(cfg, loop_config["val"]), cfg.eval.every
+
+    def validation_metrics() -> dict[str, float]:
+        from wsss_ray.eval.miou import iou_from_confusion
+
+        t0 = time.perf_counter()
+        conf = validate(engine.module, rank, world)
+        total = _all_reduce(conf.reshape(-1).astype(float).tolist())
+        names = loop_config["val"]["class_names"]
+        result = iou_from_confusion(np.array(total).reshape(conf.shape), names)
+        out = result.metrics("val/")
+        out["val/seconds"] = time.perf_counter() - t0
+        if is_main:
+            say(f"[wsss_ray] step {step} validation mIoU {100 * result.miou:.1f}")
+        return out
+
     shard = ray.train.get_dataset_shard("train")
     B = cfg.train.batch_size_per_worker
     window = _Window()
     guard, stop_reason = NonFiniteGuard(cfg.train.max_nonfinite, state["nonfinite"]), ""
     last_ckpt = start_step
 
-    def report(step: int, with_checkpoint: bool) -> None:
+    def report(step: int, with_checkpoint: bool, evaluate: bool = False) -> None:
         nonlocal window, last_ckpt
         keys = sorted(window.sums)
         sums = _all_reduce([window.sums[k] for k in keys] + [state["skipped_local"]])
@@ -173,6 +193,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         )
         if stop_reason:
             metrics["stopped_nonfinite"] = 1
+        if evaluate:
+            metrics.update(validation_metrics())
         if not with_checkpoint:
             ray.train.report(metrics)
         else:
@@ -231,10 +253,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if engine.global_steps != step:  # an optimizer step happened (accumulation boundary)
                 step = engine.global_steps
                 engine.module.after_step()
+                ev = bool(validate) and (step % every_eval == 0 or step >= steps)
                 if step % cfg.train.ckpt_every == 0 or step >= steps:
-                    report(step, with_checkpoint=True)
-                elif step % cfg.train.log_every == 0:
-                    report(step, with_checkpoint=False)
+                    report(step, with_checkpoint=True, evaluate=ev)
+                elif step % cfg.train.log_every == 0 or ev:
+                    report(step, with_checkpoint=False, evaluate=ev)
                 if step >= steps:
                     break
             t_wait = time.perf_counter()
@@ -246,4 +269,4 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if step < steps and not stop_reason:
             state["epoch"] += 1
     if step > last_ckpt:
-        report(step, with_checkpoint=True)
+        report(step, with_checkpoint=True, evaluate=bool(validate))

@@ -56,10 +56,11 @@ class Tracker:
         params: dict[str, Any],
         config_file: str | None,
         artifact_location: str | None = None,
+        resume: bool = True,
     ) -> Tracker:
-        """Reuse the run of the same name and storage (a resume), else create it.
-        ``artifact_location`` applies when the experiment is created (a tracking server
-        chooses its own when it is None)."""
+        """Reuse the run of the same name and storage (a resume), else create it; with
+        ``resume=False`` (evaluations) always create a new run. ``artifact_location`` applies
+        when the experiment is created (a tracking server chooses its own when it is None)."""
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=uri)
@@ -69,7 +70,7 @@ class Tracker:
             if exp
             else client.create_experiment(experiment, artifact_location=artifact_location)
         )
-        found = client.search_runs(
+        found = resume and client.search_runs(
             [exp_id],
             filter_string=(
                 f"tags.`{RUN_NAME_TAG}` = '{run_name}' and tags.`{STORAGE_TAG}` = '{storage}'"
@@ -101,6 +102,15 @@ class Tracker:
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
         self._client.log_batch(self.run_id, metrics=items)
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        """A file, or a folder's files (under ``artifact_path``)."""
+        if self._client is None:
+            return
+        if os.path.isdir(path):
+            self._client.log_artifacts(self.run_id, path, artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, path, artifact_path)
 
     def set_tag(self, key: str, value: str) -> None:
         if self._client is not None:

@@ -1,0 +1,89 @@
+"""Zero-shot inference pieces on handcrafted cases: chained assignments, top-k restricted
+affinity, pixel scores, background thresholding, sliding windows, and full-image shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wsss_ray.eval.zero_shot import (
+    _windows,
+    chain_assignments,
+    group_class_affinity,
+    pixel_scores,
+    with_background,
+)
+
+
+def test_chain_is_the_product_of_soft_assignments():
+    g = torch.Generator().manual_seed(0)
+    a1 = torch.randn(2, 6, 16, generator=g).softmax(1)  # B x K1 x N, softmax over groups
+    a2 = torch.randn(2, 3, 6, generator=g).softmax(1)  # B x K2 x K1
+    chain = chain_assignments([{"attn_soft": a1}, {"attn_soft": a2}])
+    assert chain.shape == (2, 16, 3)
+    want = torch.einsum("bkn,bjk->bnj", a1, a2)
+    torch.testing.assert_close(chain, want)
+    torch.testing.assert_close(chain.sum(-1), torch.ones(2, 16))  # still a distribution
+
+
+def test_affinity_restricts_to_topk_and_multiplies_unrestricted_softmax():
+    text = torch.eye(4)  # class c = axis c
+    groups = torch.tensor([[[1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, 0.2, 0, 1.0]]])  # B=1, G=3
+    image = torch.tensor([[1.0, 0.1, 0.9, 0.0]])  # top-2 classes: 0 and 2
+    aff = group_class_affinity(groups, image, text, logit_scale=10.0, topk=2)
+    assert aff.shape == (1, 3, 4)
+    assert torch.all(aff[0, :, [1, 3]] == 0)  # outside the top-2: zero
+    assert aff[0, 0].argmax() == 0 and aff[0, 1].argmax() == 2
+    full = (10.0 * F.normalize(groups, dim=-1) @ text.t()).softmax(-1)
+    restricted = (10.0 * F.normalize(groups, dim=-1) @ text.t())[..., [0, 2]].softmax(-1)
+    torch.testing.assert_close(aff[..., [0, 2]], restricted * full[..., [0, 2]])
+    everything = group_class_affinity(groups, image, text, logit_scale=10.0, topk=0)
+    torch.testing.assert_close(everything, full * full)  # no restriction
+
+
+def test_pixel_scores_and_background_threshold():
+    # a 2 x 2 token grid, 2 groups: left column -> group 0, right column -> group 1
+    chain = torch.tensor([[[0.9, 0.1], [0.2, 0.8], [0.9, 0.1], [0.2, 0.8]]])
+    aff = torch.tensor([[[0.97, 0.01, 0.0], [0.0, 0.5, 0.3]]])  # group 0 sure, group 1 unsure
+    scores, groups = pixel_scores(chain, (2, 2), aff, (4, 6))
+    assert scores.shape == (1, 3, 4, 6) and groups.shape == (1, 4, 6)
+    assert torch.all(groups[0, :, :3] == 0) and torch.all(groups[0, :, 3:] == 1)
+    torch.testing.assert_close(scores[0, :, 0, 0], aff[0, 0])
+    labels = with_background(scores, 0.95).argmax(1)[0]
+    assert torch.all(labels[:, :3] == 1)  # class index 0 + 1 (background is 0)
+    assert torch.all(labels[:, 3:] == 0)  # max 0.5 < 0.95: background
+    labels = with_background(scores, 0.4).argmax(1)[0]
+    assert torch.all(labels[:, 3:] == 2)
+
+
+def test_windows_cover_the_image_with_fixed_size():
+    for h, w in [(448, 597), (448, 448), (300, 200), (64, 96)]:
+        boxes = _windows(h, w, 448 if h >= 300 else 64, 224 if h >= 300 else 32)
+        cover = np.zeros((h, w), int)
+        sizes = set()
+        for y1, y2, x1, x2 in boxes:
+            cover[y1:y2, x1:x2] += 1
+            sizes.add((y2 - y1, x2 - x1))
+        assert cover.min() >= 1 and len(sizes) == 1
+    assert len(_windows(448, 597, 448, 224)) == 2
+
+
+def test_segmenter_shapes_and_threshold_extremes():
+    from wsss_ray.data.synthetic import CLASS_NAMES, make_scene
+    from wsss_ray.eval.zero_shot import ZeroShotSegmenter
+    from wsss_ray.models.clip import tokenizer
+    from wsss_ray.models.pgseg import PGSeg
+
+    torch.manual_seed(0)
+    model = PGSeg("tiny")
+    tok = tokenizer("ViT-B-16", 32)
+    image = make_scene(0, size=128).image[:, :100]  # non-square: 128 x 100
+    for thresh, check in [(1.01, lambda y: np.all(y == 0)), (0.0, lambda y: np.all(y > 0))]:
+        seg = ZeroShotSegmenter(
+            model, CLASS_NAMES, tok, ["a photo of a {}."], 5, thresh, 80, 64, 32
+        )
+        labels, groups = seg.predict(image, with_groups=True)
+        assert labels.shape == (128, 100) and groups.shape == (128, 100)
+        assert labels.max() < len(CLASS_NAMES) and check(labels)
+    assert model.training  # predict restores the mode it found

@@ -1,0 +1,64 @@
+"""Validation inside a training run: a small segmentation set held in memory, evaluated on every
+worker (each its slice), confusion matrices summed across workers by the training loop.
+
+The driver loads the images once (``load_validation_set``) and ships them with the loop config, so
+workers need no shared filesystem; keep the set small (``eval.data.max_images``).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def load_validation_set(cfg: Any, output_dir: str | Path) -> dict | None:
+    """``{"class_names", "bg_thresh", "samples": [(id, jpeg bytes, mask)]}`` or None when the
+    task has no periodic validation configured."""
+    ev = getattr(cfg, "eval", None)
+    if ev is None or not ev.every:
+        return None
+    from wsss_ray.data.segmentation import read_mask
+    from wsss_ray.eval.datasets import resolve_source
+
+    source = resolve_source(ev.data, output_dir)
+    samples = [(r.id, Path(r.image).read_bytes(), read_mask(r.mask)) for r in source.records]
+    if not samples:
+        raise ValueError(f"eval.data: {source.name} split '{source.split}' has no images")
+    bg = ev.zero_shot.bg_thresh if ev.zero_shot.bg_thresh >= 0 else source.bg_thresh
+    print(
+        f"[wsss_ray] validation every {ev.every} steps on {len(samples)} {source.name} "
+        f"{source.split} images",
+        flush=True,
+    )
+    return {"class_names": source.class_names, "bg_thresh": bg, "samples": samples}
+
+
+def build_validator(cfg: Any, val: dict) -> Callable[[torch.nn.Module, int, int], np.ndarray]:
+    """``validate(task, rank, world) -> local confusion matrix`` for the task named by cfg."""
+    from PIL import Image
+
+    from wsss_ray.eval.miou import confusion_matrix
+
+    if cfg.task != "pgseg":
+        raise ValueError(f"no periodic validation for task '{cfg.task}'")
+    from wsss_ray.eval.pgseg import segmenter_for
+
+    names = val["class_names"]
+
+    def validate(task: torch.nn.Module, rank: int, world: int) -> np.ndarray:
+        device = next(task.parameters()).device
+        seg = segmenter_for(
+            task.model, cfg.model.size, names, cfg.eval.zero_shot, val["bg_thresh"], device
+        )
+        conf = np.zeros((len(names), len(names)), np.int64)
+        for _key, jpeg, mask in val["samples"][rank::world]:
+            image = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+            conf += confusion_matrix(seg.predict(image), mask, len(names))
+        return conf
+
+    return validate

@@ -1,0 +1,254 @@
+"""PGSeg zero-shot segmentation evaluation as Ray Data batch inference (``jobs/eval_pgseg.py``).
+
+Rows (id, JPEG bytes, mask PNG bytes) flow into an actor pool that holds the model (one GPU per
+actor when the cluster has GPUs); each actor call returns the summed confusion matrices of its
+batch (the model, and two trivial baselines: all background, and the model's own groups with
+random class labels) plus overlays for a few chosen images. The driver streams these rows,
+sums the matrices, prints progress, and writes the per-class table, ``results.json`` and the
+overlays under ``<output_dir>/<run.name>/``, and logs all of it to MLflow.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wsss_ray.config import PGSegEvalConfig, ZeroShotConfig, save_resolved, to_flat_dict
+
+KINDS = ("model", "all_background", "random_groups")
+
+
+def build_model(size: str, checkpoint: str) -> torch.nn.Module:
+    """A PGSeg of ``size`` with the weights of ``checkpoint`` ('' = untrained) in eval mode."""
+    from wsss_ray.eval.checkpoint import load_state_dict
+    from wsss_ray.models.pgseg import PGSeg
+
+    model = PGSeg(size)
+    if checkpoint:
+        state = load_state_dict(checkpoint)
+        own = model.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        bad = [k for k in own if k in state and state[k].shape != own[k].shape]
+        if missing or unexpected or bad:
+            raise ValueError(
+                f"checkpoint {checkpoint} does not fit PGSeg '{size}': "
+                f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
+                f"(e.g. {unexpected[:2]}), {len(bad)} shape mismatches (e.g. {bad[:2]}); "
+                "is model.size right?"
+            )
+        model.load_state_dict(state)
+    return model.eval()
+
+
+def segmenter_for(
+    model: torch.nn.Module,
+    size: str,
+    class_names: list[str],
+    zs: ZeroShotConfig,
+    bg_thresh: float,
+    device: str | torch.device = "cpu",
+):
+    from wsss_ray.eval.zero_shot import ZeroShotSegmenter
+    from wsss_ray.models.clip import tokenizer
+    from wsss_ray.models.pgseg import SIZES
+
+    tok = tokenizer("ViT-B-16", SIZES[size].context_length)
+    return ZeroShotSegmenter(
+        model,
+        class_names,
+        tok,
+        list(zs.templates),
+        zs.topk,
+        bg_thresh,
+        zs.short_side,
+        zs.window,
+        zs.stride,
+        device=device,
+    )
+
+
+def overlay_png(image: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> bytes:
+    """image | ground truth | prediction, side by side, masks in the VOC palette."""
+    from PIL import Image
+
+    from wsss_ray.data.synthetic import voc_palette
+
+    pal = np.array(voc_palette(), np.uint8).reshape(256, 3)
+    pal[255] = (224, 224, 192)  # VOC's boundary colour
+    panel = np.concatenate([image, pal[gt], pal[pred]], axis=1)
+    buf = io.BytesIO()
+    Image.fromarray(panel).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class ZeroShotPredictor:
+    """The Ray Data actor: holds the model; one call = one batch of images."""
+
+    def __init__(
+        self,
+        size: str,
+        checkpoint: str,
+        class_names: list[str],
+        zs: ZeroShotConfig,
+        bg_thresh: float,
+        overlay_ids: list[str],
+        seed: int,
+    ):
+        torch.set_num_threads(max(torch.get_num_threads(), 1))
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = build_model(size, checkpoint).to(self.device)
+        self.seg = segmenter_for(model, size, class_names, zs, bg_thresh, self.device)
+        self.num_classes = len(class_names)
+        self.overlay_ids = set(overlay_ids)
+        self.seed = seed
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from PIL import Image
+
+        from wsss_ray.data.segmentation import decode_mask_bytes
+        from wsss_ray.eval.miou import confusion_matrix
+        from wsss_ray.eval.zero_shot import random_group_labels
+
+        c = self.num_classes
+        conf = np.zeros((len(KINDS), c, c), np.int64)
+        ov_ids, ov_png = [], []
+        for key, img_bytes, mask_bytes in zip(batch["id"], batch["image"], batch["mask"]):
+            key = str(key)
+            image = np.asarray(Image.open(io.BytesIO(img_bytes)).convert("RGB"))
+            gt = decode_mask_bytes(mask_bytes)
+            pred, groups = self.seg.predict(image, with_groups=True)
+            rng = np.random.default_rng([self.seed, zlib.crc32(key.encode())])
+            conf[0] += confusion_matrix(pred, gt, c)
+            conf[1] += confusion_matrix(np.zeros_like(gt), gt, c)
+            conf[2] += confusion_matrix(random_group_labels(groups, c, rng), gt, c)
+            if key in self.overlay_ids:
+                ov_ids.append(key)
+                ov_png.append(overlay_png(image, gt, pred))
+        n = max(1, len(ov_ids))  # one row carries the sums, extra rows carry extra overlays
+        confs = np.zeros((n, *conf.shape), np.int64)
+        confs[0] = conf
+        counts = np.zeros(n, np.int64)
+        counts[0] = len(batch["id"])
+        return {
+            "confusion": confs,
+            "images": counts,
+            "overlay_id": np.array((ov_ids + [""] * n)[:n], dtype=object),
+            "overlay": np.array((ov_png + [b""] * n)[:n], dtype=object),
+        }
+
+
+def run(cfg: PGSegEvalConfig) -> dict[str, Any]:
+    """Evaluate; returns the metrics (model mIoU, per-class IoU, baselines)."""
+    import ray
+
+    from wsss_ray.eval.datasets import resolve_source
+    from wsss_ray.eval.miou import iou_from_confusion
+    from wsss_ray.runtime import cluster_has_gpus, start_ray
+    from wsss_ray.tracking import Tracker, local_artifact_location, tracking_uri
+
+    out = Path(cfg.run.output_dir).resolve()
+    folder = out / cfg.run.name
+    folder.mkdir(parents=True, exist_ok=True)
+    config_file = save_resolved(cfg, folder)
+    source = resolve_source(cfg.data, out)
+    if not source.records:
+        raise ValueError(f"{cfg.data.kind} split '{cfg.data.split}' has no images")
+    bg = cfg.zero_shot.bg_thresh if cfg.zero_shot.bg_thresh >= 0 else source.bg_thresh
+    n_img = len(source.records)
+    step = max(1, n_img // max(cfg.num_overlays, 1))
+    overlay_ids = [r.id for r in source.records[::step][: cfg.num_overlays]]
+    print(
+        f"[wsss_ray] zero-shot {source.name} {source.split}: {n_img} images, "
+        f"{len(source.class_names)} classes, bg_thresh {bg}, checkpoint "
+        f"{cfg.model.checkpoint or '(untrained model)'}",
+        flush=True,
+    )
+
+    inf = cfg.infer
+    start_ray(inf.actors[1] * inf.cpus_per_actor + 1, cfg.ray.num_cpus)
+    from wsss_ray.data.segmentation import segmentation_dataset
+
+    gpus = inf.gpus_per_actor if inf.gpus_per_actor >= 0 else float(cluster_has_gpus())
+    ds = segmentation_dataset(source).map_batches(
+        ZeroShotPredictor,
+        fn_constructor_args=(
+            cfg.model.size,
+            cfg.model.checkpoint and str(Path(cfg.model.checkpoint).resolve()),
+            source.class_names,
+            cfg.zero_shot,
+            bg,
+            overlay_ids,
+            cfg.seed,
+        ),
+        batch_size=inf.batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=inf.actors[0], max_size=inf.actors[1]),
+        num_cpus=inf.cpus_per_actor,
+        num_gpus=gpus,
+        batch_format="numpy",
+    )
+    c = len(source.class_names)
+    total = np.zeros((len(KINDS), c, c), np.int64)
+    done, t0, next_print = 0, time.perf_counter(), 0.1
+    overlays: dict[str, bytes] = {}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        total += batch["confusion"].sum(0)
+        done += int(batch["images"].sum())
+        for key, png in zip(batch["overlay_id"], batch["overlay"]):
+            if key:
+                overlays[str(key)] = bytes(png)
+        if done / n_img >= next_print or done == n_img:
+            rate = done / max(time.perf_counter() - t0, 1e-9)
+            print(f"[wsss_ray] eval {done}/{n_img} images ({rate:.1f} images/s)", flush=True)
+            next_print = done / n_img + 0.1
+    elapsed = time.perf_counter() - t0
+
+    results = {k: iou_from_confusion(total[i], source.class_names) for i, k in enumerate(KINDS)}
+    model = results["model"]
+    metrics = model.metrics()
+    for k in KINDS[1:]:
+        metrics[f"baseline/{k}_miou"] = results[k].miou
+    metrics["images"] = done
+    metrics["images_per_s"] = done / max(elapsed, 1e-9)
+    table = model.table()
+    (folder / "miou.txt").write_text(table + "\n")
+    (folder / "results.json").write_text(json.dumps(metrics, indent=2))
+    (folder / "overlays").mkdir(exist_ok=True)
+    for key, png in overlays.items():
+        (folder / "overlays" / f"{key}.png").write_bytes(png)
+    print(table)
+    print(
+        f"[wsss_ray] mIoU {100 * model.miou:.1f} | baselines: all background "
+        f"{100 * results['all_background'].miou:.1f}, random group labels "
+        f"{100 * results['random_groups'].miou:.1f} | {done} images in {elapsed:.1f}s",
+        flush=True,
+    )
+
+    if cfg.tracking.enabled:
+        uri = tracking_uri(cfg.tracking.uri, str(out))
+        tracker = Tracker.open_run(
+            uri,
+            cfg.tracking.experiment,
+            cfg.run.name,
+            str(folder),
+            to_flat_dict(cfg),
+            str(config_file),
+            local_artifact_location(uri, str(out)),
+            resume=False,
+        )
+        tracker.log_metrics(metrics, 0)
+        tracker.log_artifact(str(folder / "miou.txt"))
+        tracker.log_artifact(str(folder / "results.json"))
+        tracker.log_artifact(str(folder / "overlays"), "overlays")
+        tracker.finish()
+        metrics["mlflow_run_id"] = tracker.run_id
+        print(f"[wsss_ray] MLflow: {uri} (run {tracker.run_id})", flush=True)
+    metrics["output"] = str(folder)
+    return metrics

@@ -1,0 +1,203 @@
+"""Zero-shot (open-vocabulary) segmentation with a PGSeg/GroupViT model (METHODS.md 1.7).
+
+Per window:
+1. chain the **soft** assignment maps of the grouping stages (N x K1 @ K1 x K2 = N x 8),
+   resize bilinearly to the window, argmax: every pixel belongs to one of the final groups;
+2. class text embeddings from prompt templates ("a photo of a {}.", averaged, normalised);
+3. group-class affinity = softmax(s cos(group, class)) restricted to the image's top-k classes
+   (ranked by the pooled image embedding), multiplied by the unrestricted softmax;
+4. a constant background channel ``bg_thresh``: background wins where no class scores above it.
+Whole images: resize to a short side of 448, slide a 448 window with stride 224, average the
+overlapping scores, resize the scores back to the original size, argmax.
+
+This module is pure torch (the segmenter wraps any ``PGSeg``); ``wsss_ray.eval.pgseg`` runs it as
+Ray Data batch inference and the training loop runs it on a small validation set.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+#: names that read better in a prompt than the dataset's file-system spellings
+PROMPT_NAMES = {
+    "aeroplane": "aeroplane",
+    "diningtable": "dining table",
+    "pottedplant": "potted plant",
+    "tvmonitor": "tv monitor",
+    "motorbike": "motorbike",
+}
+
+
+def chain_assignments(stages: list[dict]) -> torch.Tensor:
+    """B x N x K_last: each token's soft membership of the final groups. ``attn_soft`` of a stage
+    is B x K x N (softmax over K), so the chain is A1^T @ A2^T @ ..."""
+    chain = stages[0]["attn_soft"].float().transpose(1, 2)
+    for stage in stages[1:]:
+        chain = chain @ stage["attn_soft"].float().transpose(1, 2)
+    return chain
+
+
+def group_class_affinity(
+    group_emb: torch.Tensor,
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    logit_scale: float,
+    topk: int,
+) -> torch.Tensor:
+    """B x G x C: softmax(s cos) restricted to each image's top-k classes, times the
+    unrestricted softmax. Embeddings are normalised here."""
+    g = F.normalize(group_emb.float(), dim=-1)
+    t = F.normalize(text_emb.float(), dim=-1)
+    i = F.normalize(image_emb.float(), dim=-1)
+    logits = logit_scale * g @ t.t()  # B x G x C
+    full = logits.softmax(-1)
+    k = min(topk, t.shape[0]) if topk > 0 else t.shape[0]
+    top = (logit_scale * i @ t.t()).topk(k, dim=-1).indices  # B x k
+    mask = torch.full_like(logits[:, 0], float("-inf")).scatter_(1, top, 0.0)  # B x C
+    return (logits + mask[:, None]).softmax(-1) * full
+
+
+def pixel_scores(
+    chain: torch.Tensor, grid: tuple[int, int], affinity: torch.Tensor, out_hw: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel class scores B x C x H x W and the group index map B x H x W: the chained
+    soft assignment is resized bilinearly, argmax picks one group per pixel, the pixel takes
+    that group's affinity row."""
+    b, n, g = chain.shape
+    maps = chain.transpose(1, 2).reshape(b, g, *grid)
+    maps = F.interpolate(maps, size=out_hw, mode="bilinear", align_corners=False)
+    groups = maps.argmax(1)  # B x H x W
+    scores = torch.gather(
+        affinity[:, None].expand(-1, out_hw[0] * out_hw[1], -1, -1),
+        2,
+        groups.reshape(b, -1, 1, 1).expand(-1, -1, 1, affinity.shape[-1]),
+    ).reshape(b, *out_hw, -1)
+    return scores.permute(0, 3, 1, 2), groups
+
+
+def with_background(fg_scores: torch.Tensor, bg_thresh: float) -> torch.Tensor:
+    """Prepend a constant background channel: class 0 wins where every score < bg_thresh."""
+    bg = torch.full_like(fg_scores[:, :1], bg_thresh)
+    return torch.cat([bg, fg_scores], dim=1)
+
+
+def _windows(h: int, w: int, win: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """mmseg's slide_inference windows: a grid with stride, the last window flush with the edge."""
+    out = []
+    nh = max(h - win + stride - 1, 0) // stride + 1
+    nw = max(w - win + stride - 1, 0) // stride + 1
+    for i in range(nh):
+        for j in range(nw):
+            y2, x2 = min(i * stride + win, h), min(j * stride + win, w)
+            y1, x1 = max(y2 - win, 0), max(x2 - win, 0)
+            out.append((y1, y2, x1, x2))
+    return out
+
+
+class ZeroShotSegmenter:
+    """Label maps for uint8 RGB images from a PGSeg model and a list of class names
+    (index 0 = background; text embeddings are built for the foreground classes)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        class_names: list[str],
+        tokenizer,
+        templates: list[str],
+        topk: int = 5,
+        bg_thresh: float = 0.95,
+        short_side: int = 448,
+        window: int = 448,
+        stride: int = 224,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        device: str | torch.device = "cpu",
+    ):
+        from wsss_ray.config import CLIP_MEAN, CLIP_STD
+
+        self.model, self.class_names = model, list(class_names)
+        self.topk, self.bg_thresh = topk, bg_thresh
+        self.short_side, self.window, self.stride = short_side, window, stride
+        self.device = torch.device(device)
+        self.mean = torch.tensor(mean or CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std or CLIP_STD, device=self.device).view(1, 3, 1, 1)
+        self.dtype = next(model.parameters()).dtype
+        self.text_emb = self.class_embeddings(tokenizer, templates)
+
+    @torch.no_grad()
+    def class_embeddings(self, tokenizer, templates: list[str]) -> torch.Tensor:
+        """C_fg x D: per class, the normalised mean of its normalised template embeddings."""
+        was_training = self.model.training
+        self.model.eval()
+        out = []
+        for name in self.class_names[1:]:
+            name = PROMPT_NAMES.get(name, name.replace("_", " "))
+            tokens = tokenizer([t.format(name) for t in templates]).to(self.device)
+            emb = F.normalize(self.model.encode_text(tokens)["embed"].float(), dim=-1)
+            out.append(F.normalize(emb.mean(0), dim=-1))
+        self.model.train(was_training)
+        return torch.stack(out)
+
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.detach().float().exp().clamp(max=100).reshape(-1)[0])
+
+    @torch.no_grad()
+    def window_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores (B x (1 + C) x h x w, background first) and group maps of normalised windows."""
+        out = self.model.encode_image(x.to(self.dtype))
+        chain = chain_assignments(out["stages"])
+        tokens = out["tokens"]  # B x G x dim, the final group tokens
+        b, g, d = tokens.shape
+        group_emb = self.model.img_projector(tokens.reshape(b * g, d)).reshape(b, g, -1)
+        aff = group_class_affinity(
+            group_emb, out["embed"], self.text_emb, self.logit_scale(), self.topk
+        )
+        scores, groups = pixel_scores(chain, out["grid"], aff, tuple(x.shape[-2:]))
+        return with_background(scores, self.bg_thresh), groups
+
+    @torch.no_grad()
+    def predict(self, image: np.ndarray, with_groups: bool = False):
+        """H x W uint8 labels (0 = background, c = class_names[c]); with ``with_groups`` also
+        the H x W final-group index map (ids distinct per window; later windows overwrite)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            h0, w0 = image.shape[:2]
+            x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
+            x = x.permute(2, 0, 1)[None].float() / 255.0
+            scale = self.short_side / min(h0, w0)
+            h, w = max(round(h0 * scale), 1), max(round(w0 * scale), 1)
+            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+            x = (x - self.mean) / self.std
+            boxes = _windows(h, w, self.window, self.stride)
+            # every window is min(window, h) x min(window, w): one batch
+            crops = torch.cat([x[..., y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])
+            scores, groups = self.window_scores(crops)
+            total = torch.zeros(1, len(self.class_names), h, w, device=self.device)
+            count = torch.zeros(1, 1, h, w, device=self.device)
+            group_map = torch.zeros(h, w, dtype=torch.long, device=self.device)
+            n_groups = int(groups.max()) + 1
+            for k, (y1, y2, x1, x2) in enumerate(boxes):
+                total[..., y1:y2, x1:x2] += scores[k]
+                count[..., y1:y2, x1:x2] += 1
+                group_map[y1:y2, x1:x2] = groups[k] + k * n_groups  # distinct ids per window
+            total = total / count
+            total = F.interpolate(total, size=(h0, w0), mode="bilinear", align_corners=False)
+            labels = total[0].argmax(0).to(torch.uint8).cpu().numpy()
+            if not with_groups:
+                return labels
+            gmap = F.interpolate(group_map[None, None].float(), size=(h0, w0), mode="nearest")
+            return labels, gmap[0, 0].long().cpu().numpy()
+        finally:
+            self.model.train(was_training)
+
+
+def random_group_labels(
+    group_map: np.ndarray, num_classes: int, rng: np.random.Generator
+) -> np.ndarray:
+    """The random-group baseline: the model's groups, each given a uniformly random class
+    (background included)."""
+    table = rng.integers(0, num_classes, size=int(group_map.max()) + 1)
+    return table[group_map].astype(np.uint8)
