@@ -5,6 +5,9 @@ Sources (pick one):
   --table FILE.csv|.parquet  rows of (local image path, caption); relative paths resolve
                           against the table's folder
   --synthetic N           N synthetic shapes images with captions (for trying things out)
+  --segmentation voc|coco|context --root DIR --split NAME
+                          a segmentation split as {key}.jpg, {key}.png (grey class-index mask),
+                          {key}.json (id, labels); class_names.txt is written beside the tars
 
 Unreadable images and empty captions are skipped and counted in the summary, never fatal.
 
@@ -27,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--folder", help="folder of images + .txt captions")
     src.add_argument("--table", help="CSV or parquet file of (path, caption)")
     src.add_argument("--synthetic", type=int, metavar="N", help="N synthetic shapes images")
+    src.add_argument(
+        "--segmentation", choices=["voc", "coco", "context"], help="shard a segmentation split"
+    )
+    p.add_argument("--root", help="--segmentation: dataset root (VOC2012 / COCO / VOC2010)")
+    p.add_argument("--split", default="val", help="--segmentation: split name")
     p.add_argument("--out", required=True, help="output folder for the .tar shards")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--prefix", default="shard", help="shard file name prefix")
@@ -41,6 +49,22 @@ def main(argv: list[str] | None = None) -> int:
 
         paths = write_webdataset(a.out, a.synthetic, a.seed, a.image_size, a.samples_per_shard)
         print(f"wrote {a.synthetic} synthetic samples in {len(paths)} shards to {a.out}")
+        return 0
+    if a.segmentation:
+        from wsss_ray.data.segmentation import open_source, write_segmentation_shards
+
+        if not a.root:
+            p.error("--segmentation needs --root")
+        try:
+            source = open_source(a.segmentation, a.root, a.split)
+        except (OSError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        paths = write_segmentation_shards(source, a.out, a.samples_per_shard, a.prefix)
+        print(
+            f"wrote {len(source.records)} {a.segmentation} {a.split} samples in {len(paths)} "
+            f"shards to {a.out}"
+        )
         return 0
     if a.folder:
         pairs = pairs_from_folder(a.folder)

@@ -34,6 +34,8 @@ COLOURS = {
     "orange": (240, 135, 25),
 }
 COLOUR_NAMES = list(COLOURS)
+#: bumped whenever the generated content changes, so cached synthetic data is rewritten
+GENERATOR_VERSION = 2
 #: VOC-layout class names: index 0 is background, then the shapes.
 CLASS_NAMES = ["background", *SHAPES]
 #: Non-contiguous COCO category ids (as in real COCO) so readers must remap them to 1..K.
@@ -75,9 +77,10 @@ class ShapeObject:
     def label(self) -> int:
         return SHAPES.index(self.shape) + 1
 
-    def phrase(self) -> str:
-        article = "an" if self.colour[0] in "aeiou" else "a"
-        return f"{article} {self.colour} {self.shape}"
+    def phrase(self, with_colour: bool = True) -> str:
+        words = f"{self.colour} {self.shape}" if with_colour else self.shape
+        article = "an" if words[0] in "aeiou" else "a"
+        return f"{article} {words}"
 
 
 @dataclass
@@ -185,7 +188,10 @@ def make_scene(index: int, seed: int = 0, size: int = 128, crowd_prob: float = 0
         visible = [(owner == i).sum() / max(a, 1) for i, a in enumerate(areas)]
         if min(visible) >= 0.4:
             break
-    phrases = [o.phrase() for o in objects]
+    # Half the captions leave colours out: colour alone would let image-text matching ignore the
+    # shapes, and then shape names would mean nothing to the text tower (zero-shot would fail).
+    with_colour = bool(rng.random() < 0.5)
+    phrases = [o.phrase(with_colour) for o in objects]
     template = _TEMPLATES[len(objects)][int(rng.integers(len(_TEMPLATES[len(objects)])))]
     caption = template.format(**dict(zip("abc", phrases)))
     caption = caption[0].upper() + caption[1:] if rng.random() < 0.5 else caption
@@ -228,6 +234,7 @@ def ensure_synthetic_shards(
     out_dir = Path(out_dir)
     stamp = out_dir / "SETTINGS.json"
     settings = {
+        "version": GENERATOR_VERSION,
         "num_images": num_images,
         "seed": seed,
         "size": size,
@@ -302,6 +309,30 @@ def write_voc(
     for split, names in splits.items():
         (sets / f"{split}.txt").write_text("\n".join(names) + "\n")
     (sets / "train_aug.txt").write_text("\n".join(splits["train"]) + "\n")
+    (root / "class_names.txt").write_text("\n".join(CLASS_NAMES) + "\n")
+    return root
+
+
+def write_context(
+    root: str | Path, num_train: int, num_val: int, seed: int = 0, size: int = 128
+) -> Path:
+    """The converted Pascal Context layout (the ``VOC2010`` folder): ``JPEGImages/``, grey
+    ``SegmentationClassContext/`` (0 = background), ``ImageSets/SegmentationContext/``."""
+    root = Path(root)
+    for sub in ("JPEGImages", "SegmentationClassContext", "ImageSets/SegmentationContext"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for split, start, num in (("train", 0, num_train), ("val", num_train, num_val)):
+        names = []
+        for scene in scenes(num, seed, size, start=start):
+            name = f"2008_{scene.key}"
+            names.append(name)
+            (root / "JPEGImages" / f"{name}.jpg").write_bytes(scene.jpeg())
+            Image.fromarray(scene.mask, mode="L").save(
+                root / "SegmentationClassContext" / f"{name}.png"
+            )
+        (root / "ImageSets" / "SegmentationContext" / f"{split}.txt").write_text(
+            "\n".join(names) + "\n"
+        )
     (root / "class_names.txt").write_text("\n".join(CLASS_NAMES) + "\n")
     return root
 

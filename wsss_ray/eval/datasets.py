@@ -12,11 +12,17 @@ from wsss_ray.config import SegDataConfig
 
 def ensure_synthetic_voc(folder: str | Path, num_train: int, num_val: int, seed: int, size: int):
     """Write the synthetic VOC2012 layout once; reuse it when the same settings exist."""
-    from wsss_ray.data.synthetic import write_voc
+    from wsss_ray.data.synthetic import GENERATOR_VERSION, write_voc
 
     folder = Path(folder)
     stamp = folder / "SETTINGS.json"
-    settings = {"num_train": num_train, "num_val": num_val, "seed": seed, "size": size}
+    settings = {
+        "version": GENERATOR_VERSION,
+        "num_train": num_train,
+        "num_val": num_val,
+        "seed": seed,
+        "size": size,
+    }
     if stamp.exists() and json.loads(stamp.read_text()) == settings:
         return folder
     write_voc(folder, num_train, num_val, seed, size)
