@@ -427,21 +427,25 @@ def save_resolved(cfg: Any, folder: str | Path) -> Path:
 
 
 def reference(schema: type) -> str:
-    """Every key with its default and help, for ``--help`` and the README."""
+    """Every key with its default and help, for ``--help`` and the README (defaults are read
+    from an instance, so sections built with non-default values show those)."""
     lines: list[str] = []
 
-    def walk(prefix: str, cls: type) -> None:
+    def walk(prefix: str, cls: type, obj: Any) -> None:
         for f in dataclasses.fields(cls):
-            default = (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            )
+            if obj is not None:
+                default = getattr(obj, f.name)
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = f.default
             if dataclasses.is_dataclass(default):
-                walk(f"{prefix}{f.name}.", type(default))
+                walk(f"{prefix}{f.name}.", type(default), default)
                 continue
             shown = "???" if default is MISSING or default is dataclasses.MISSING else repr(default)
             lines.append(f"  {prefix}{f.name} = {shown}    {f.metadata.get('help', '')}".rstrip())
 
-    walk("", schema)
+    walk("", schema, None)
     return "\n".join(lines)
 
 

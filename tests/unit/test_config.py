@@ -7,6 +7,8 @@ import pytest
 from wsss_ray.config import (
     ClipPretrainConfig,
     ConfigError,
+    PGSegEvalConfig,
+    PGSegPretrainConfig,
     load_config,
     parse_job_args,
     reference,
@@ -87,6 +89,29 @@ def test_readme_config_reference_is_current():
     from pathlib import Path
 
     readme = Path(__file__).resolve().parents[2] / "README.md"
-    assert reference(ClipPretrainConfig) in readme.read_text(), (
-        "README's config reference is stale: paste reference(ClipPretrainConfig)"
-    )
+    text = readme.read_text()
+    for schema in (ClipPretrainConfig, PGSegEvalConfig):
+        assert reference(schema) in text, (
+            f"README's config reference is stale: paste reference({schema.__name__})"
+        )
+    pgseg_only = [
+        line for line in reference(PGSegPretrainConfig).splitlines() if line.startswith("  eval.")
+    ]
+    assert pgseg_only and all(line in text for line in pgseg_only)
+
+
+def test_eval_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.kind: one of voc, coco, context"):
+        load_config(PGSegEvalConfig, None, ["data.kind=ade"])
+    with pytest.raises(ConfigError, match=r"data\.root: no such folder"):
+        load_config(PGSegEvalConfig, None, [f"data.root={tmp_path}/nope"])
+    with pytest.raises(ConfigError, match=r"zero_shot\.stride"):
+        load_config(PGSegEvalConfig, None, ["zero_shot.stride=600"])
+    with pytest.raises(ConfigError, match=r"zero_shot\.templates"):
+        load_config(PGSegEvalConfig, None, ["zero_shot.templates=[a photo]"])
+    with pytest.raises(ConfigError, match=r"model\.checkpoint: no such"):
+        load_config(PGSegEvalConfig, None, [f"model.checkpoint={tmp_path}/none"])
+    with pytest.raises(ConfigError, match=r"eval\.data\.kind"):
+        load_config(
+            PGSegPretrainConfig, "configs/pgseg/tiny.yaml", ["eval.every=5", "eval.data.kind=x"]
+        )
