@@ -1,12 +1,28 @@
 """PGSeg end to end on a local Ray: 2 workers, DeepSpeed ZeRO-2 on CPU, tiny model on synthetic
-shapes. Every loss term reaches MLflow and the total falls."""
+shapes. Every loss term reaches MLflow and the total falls; periodic zero-shot validation runs
+inside the training loop; ``jobs/eval_pgseg.py`` on the final checkpoint reproduces the last
+validation mIoU exactly (same weights, same images, same settings) and logs to MLflow."""
 
 from __future__ import annotations
 
+import json
+
 from mlflow.tracking import MlflowClient
 
+from jobs import eval_pgseg
 from wsss_ray.config import PGSegPretrainConfig, load_config
 from wsss_ray.train.driver import run
+
+EVAL_DATA = [
+    "data.max_images=8",
+    "data.synthetic.num_train=2",
+    "data.synthetic.num_val=8",
+    "data.synthetic.image_size=64",
+    "zero_shot.short_side=64",
+    "zero_shot.window=64",
+    "zero_shot.stride=32",
+    "zero_shot.bg_thresh=0.3",
+]
 
 
 def test_pgseg_trains_and_logs_every_term(ray_local, tmp_path):
@@ -23,6 +39,8 @@ def test_pgseg_trains_and_logs_every_term(ray_local, tmp_path):
             "data.synthetic.image_size=64",
             "optim.warmup_steps=2",
             "data.decode_actors=[1,1]",
+            *[f"eval.{o}" for o in EVAL_DATA],
+            "eval.every=12",
         ],
     )
     summary = run(cfg)
@@ -50,3 +68,40 @@ def test_pgseg_trains_and_logs_every_term(ray_local, tmp_path):
     ]
     print("pgseg e2e loss per report:", loss)
     assert len(loss) == 4 and loss[-1] < loss[0] - 0.25, loss
+
+    # periodic validation at steps 12 and 24, on both workers' halves of the 8 images
+    val = client.get_metric_history(summary.mlflow_run_id, "val/miou")
+    assert sorted(m.step for m in val) == [12, 24]
+    assert "val/iou/background" in metrics and "val/pixel_acc" in metrics
+    final_val = max(val, key=lambda m: m.step).value
+
+    # the eval job on the final checkpoint: same number, plus baselines, overlays, MLflow
+    rc = eval_pgseg.main(
+        [
+            "--config",
+            "configs/pgseg/eval_tiny.yaml",
+            f"run.output_dir={tmp_path}",
+            f"model.checkpoint={summary.checkpoint}",
+            "num_overlays=2",
+            "infer.actors=[1,1]",
+            *EVAL_DATA,
+        ]
+    )
+    assert rc == 0
+    out = tmp_path / "eval_pgseg_tiny"
+    results = json.loads((out / "results.json").read_text())
+    print("periodic val mIoU", final_val, "eval job", results["miou"])
+    assert results["images"] == 8
+    assert abs(results["miou"] - final_val) < 1e-9
+    for key in ("baseline/all_background_miou", "baseline/random_groups_miou", "pixel_acc"):
+        assert 0.0 <= results[key] <= 1.0
+    assert len(list((out / "overlays").glob("*.png"))) == 2
+    assert "mIoU" in (out / "miou.txt").read_text()
+    exp = client.get_experiment_by_name("wsss_ray")
+    (ev_run,) = client.search_runs(
+        [exp.experiment_id], filter_string="attributes.run_name = 'eval_pgseg_tiny'"
+    )
+    assert ev_run.data.metrics["miou"] == results["miou"]
+    assert ev_run.data.metrics["baseline/all_background_miou"] > 0
+    logged = {a.path for a in client.list_artifacts(ev_run.info.run_id)}
+    assert {"miou.txt", "results.json", "overlays", "config.yaml"} <= logged

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wsss_ray.data.segmentation import SegRecord, SegSource, class_names_override, read_split
+from wsss_ray.data.segmentation import (
+    SegRecord,
+    SegSource,
+    class_names_override,
+    read_split,
+    require_files,
+)
 
 CONTEXT_CLASSES = [
     "background", "aeroplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat",
@@ -22,6 +28,7 @@ CONTEXT_CLASSES = [
 
 
 def context_source(root: str | Path, split: str = "val") -> SegSource:
+    """Pascal Context ``split`` (``train`` | ``val``) under the converted ``VOC2010`` folder."""
     root = Path(root)
     mask_dir = root / "SegmentationClassContext"
     for folder in (root / "JPEGImages", mask_dir):
@@ -32,6 +39,7 @@ def context_source(root: str | Path, split: str = "val") -> SegSource:
         SegRecord(n, str(root / "JPEGImages" / f"{n}.jpg"), str(mask_dir / f"{n}.png"))
         for n in names
     ]
+    require_files(records, f"Pascal Context {split}")
     return SegSource(
         "context", split, class_names_override(root, CONTEXT_CLASSES), records, bg_thresh=0.36
     )

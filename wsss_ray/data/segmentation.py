@@ -3,54 +3,80 @@ masks built once from the instance annotations) and Pascal Context.
 
 Every reader returns a :class:`SegSource`: the class names (index 0 = background), a default
 zero-shot background threshold, and records of (id, JPEG path, mask PNG path) where the mask
-holds class indices with 255 = ignore. Image-level labels are always derived from the masks.
-``segmentation_dataset`` turns a source into a Ray Dataset of (id, image bytes, mask bytes,
-labels); ``read_segmentation_shards`` reads the same columns back from WebDataset tars written by
-``jobs/make_shards.py --segmentation``, so evaluation data can stream like the pretraining data.
+holds class indices with 255 = ignore. Image-level labels are always derived from the masks, never
+from a side list, so they cannot disagree with the pixels. ``segmentation_dataset`` turns a source
+into a Ray Dataset of (id, image bytes, mask bytes, labels); ``read_segmentation_shards`` reads the
+same columns back from WebDataset tars written by ``jobs/make_shards.py --segmentation``, so
+evaluation data can stream from object storage like the pretraining data.
+
+Ray is imported only inside the functions that build Ray Datasets: the readers themselves are
+plain Python and work without it.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:  # type hints only: Ray is imported where Datasets are built
+    import ray.data
 
 KINDS = ("voc", "coco", "context")
 
 
 @dataclass(frozen=True)
 class SegRecord:
-    id: str
-    image: str  # JPEG path
-    mask: str  # PNG of class indices (palette or grey), 255 = ignore
+    """One image of a split."""
+
+    id: str  # image id / file stem
+    image: str  # path to the JPEG
+    mask: str  # path to a PNG of class indices (palette or grey), 255 = ignore
 
 
 @dataclass
 class SegSource:
-    name: str
+    """A split of a segmentation dataset, as paths (nothing is decoded until asked)."""
+
+    name: str  # "voc" | "coco" | "context"
     split: str
-    class_names: list[str]
+    class_names: list[str]  # index 0 = background
     records: list[SegRecord] = field(default_factory=list)
-    bg_thresh: float = 0.95
+    bg_thresh: float = 0.95  # zero-shot background threshold default: voc .95 coco .85 ctx .36
 
 
-def read_mask(path: str | Path) -> np.ndarray:
+#: PNG modes that hold class indices directly. Palette ("P") images are read as their indices,
+#: never through the palette; 16/32-bit grey is accepted when every value fits in uint8.
+_INDEX_MODES = ("P", "L", "I", "I;16", "I;16B", "I;16L")
+
+
+def read_mask(path: str | Path | io.BytesIO) -> np.ndarray:
     """H x W uint8 class indices. Palette PNGs are read as their indices, never as RGB."""
     with Image.open(path) as im:
-        if im.mode not in ("P", "L"):
-            raise ValueError(f"{path}: mask PNG must be palette or grey, not {im.mode}")
-        return np.array(im, dtype=np.uint8)
+        if im.mode not in _INDEX_MODES:
+            raise ValueError(f"{path}: a mask PNG must be palette or grey, not {im.mode}")
+        arr = np.array(im)
+    if arr.dtype != np.uint8:
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise ValueError(f"{path}: mask values outside 0..255")
+        arr = arr.astype(np.uint8)
+    return arr
 
 
 def decode_mask_bytes(data: bytes) -> np.ndarray:
-    return read_mask(io.BytesIO(data))
+    """PNG bytes (palette or grey) -> H x W uint8 class indices."""
+    return read_mask(io.BytesIO(bytes(data)))
 
 
 def encode_mask(mask: np.ndarray) -> bytes:
+    """H x W class indices -> grey PNG bytes (lossless; what the COCO cache and shards hold)."""
     buf = io.BytesIO()
     Image.fromarray(mask.astype(np.uint8), mode="L").save(buf, format="PNG")
     return buf.getvalue()
@@ -70,13 +96,25 @@ def class_names_override(root: Path, default: list[str]) -> list[str]:
 
 
 def read_split(path: Path) -> list[str]:
+    """The ids listed in an ``ImageSets`` split file (first column of each line)."""
     if not path.is_file():
         raise FileNotFoundError(f"split file not found: {path}")
     return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
 
 
+def require_files(records: list[SegRecord], dataset: str) -> None:
+    """A clear error naming the first missing image or mask of a split (instead of a failure
+    deep inside a Ray task later)."""
+    for r in records:
+        for path in (r.image, r.mask):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{dataset}: {r.id} is listed but {path} is missing")
+
+
 def open_source(kind: str, root: str | Path, split: str, **kwargs) -> SegSource:
-    """The reader for ``kind`` (voc | coco | context) on ``root``."""
+    """The reader for ``kind`` (voc | coco | context) on ``root``; ``kwargs`` go to it (VOC:
+    ``aug``, COCO: ``cache_dir``). Raises FileNotFoundError naming a missing root, folder or
+    split file and ValueError for an unknown kind."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root not found: {root}")
@@ -95,77 +133,110 @@ def open_source(kind: str, root: str | Path, split: str, **kwargs) -> SegSource:
     raise ValueError(f"unknown dataset kind '{kind}' (known: {', '.join(KINDS)})")
 
 
-def _load_rows(batch: dict) -> dict:
-    images, masks, labels = [], [], []
-    for img_path, mask_path in zip(batch["image_path"], batch["mask_path"]):
-        images.append(Path(img_path).read_bytes())
-        mask_bytes = Path(mask_path).read_bytes()
-        masks.append(mask_bytes)
-        labels.append(json.dumps(image_labels(decode_mask_bytes(mask_bytes))))
-    return {
-        "id": batch["id"],
-        "image": np.array(images, dtype=object),
-        "mask": np.array(masks, dtype=object),
-        "labels": np.array(labels, dtype=object),
-    }
+def _rows_table(ids: list[str], images: list[bytes], masks: list[bytes]):
+    """The dataset columns as an Arrow table with explicit types (also when empty): ``labels``
+    becomes ``list<int64>`` so rows give plain lists and numpy batches give arrays."""
+    import pyarrow as pa
+
+    labels = [image_labels(decode_mask_bytes(m)) for m in masks]
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.string()),
+            "image": pa.array(images, pa.binary()),
+            "mask": pa.array(masks, pa.binary()),
+            "labels": pa.array(labels, pa.list_(pa.int64())),
+        }
+    )
 
 
-def segmentation_dataset(source: SegSource, limit: int | None = None):
-    """Ray Dataset of ``id``, ``image`` (JPEG bytes), ``mask`` (PNG bytes), ``labels`` (JSON list
-    of present classes). Files are read by Ray tasks: on a multi-node cluster the paths must be on
-    storage every node sees (or shard the set with ``make_shards.py --segmentation``)."""
+def _load_rows(batch: dict):
+    images = [Path(p).read_bytes() for p in batch["image_path"]]
+    masks = [Path(p).read_bytes() for p in batch["mask_path"]]
+    return _rows_table([str(i) for i in batch["id"]], images, masks)
+
+
+def segmentation_dataset(
+    source: SegSource, limit: int | None = None, override_num_blocks: int | None = None
+) -> ray.data.Dataset:
+    """Ray Dataset with columns ``id`` (str), ``image`` (JPEG bytes), ``mask`` (PNG bytes of
+    class indices, 255 = ignore) and ``labels`` (list of the classes present in the mask,
+    without 0 and 255), in record order.
+
+    The files are read by Ray tasks, wherever they run: on a multi-node cluster the dataset must
+    be on storage every node sees (NFS, a shared volume), or shard it first with
+    ``jobs/make_shards.py --segmentation`` and use :func:`read_segmentation_shards`.
+    ``limit`` keeps the first records; ``override_num_blocks`` sets the read parallelism."""
     import ray.data
 
-    records = source.records[:limit] if limit else source.records
+    records = source.records[:limit] if limit is not None else source.records
     items = [{"id": r.id, "image_path": r.image, "mask_path": r.mask} for r in records]
-    return ray.data.from_items(items).map_batches(_load_rows, batch_format="numpy", batch_size=16)
+    ds = ray.data.from_items(items, override_num_blocks=override_num_blocks)
+    return ds.map_batches(_load_rows, batch_format="numpy", batch_size=16)
 
 
-def _shard_rows(batch: dict) -> dict:
-    out: dict[str, list] = {"id": [], "image": [], "mask": [], "labels": []}
+def _shard_rows(batch: dict):
     n = len(batch["__key__"])
     cols = {k: batch[k] if k in batch else [None] * n for k in ("jpg", "png", "json")}
+    ids, images, masks = [], [], []
     for i in range(n):
         jpg, png, meta = cols["jpg"][i], cols["png"][i], cols["json"][i]
-        if jpg is None or png is None:
+        if jpg is None or png is None:  # e.g. the marker row of a truncated tar
             continue
-        info = json.loads(meta) if meta is not None else {}
-        out["id"].append(info.get("id", str(batch["__key__"][i])))
-        out["image"].append(bytes(jpg))
-        out["mask"].append(bytes(png))
-        out["labels"].append(json.dumps(image_labels(decode_mask_bytes(bytes(png)))))
-    return {k: np.array(v, dtype=object) for k, v in out.items()}
+        info = json.loads(bytes(meta)) if meta is not None else {}
+        ids.append(str(info.get("id", batch["__key__"][i])))
+        images.append(bytes(jpg))
+        masks.append(bytes(png))
+    return _rows_table(ids, images, masks)
 
 
-def read_segmentation_shards(paths: list[str]):
+def read_segmentation_shards(paths: list[str]) -> ray.data.Dataset:
     """The same columns as :func:`segmentation_dataset`, from ``make_shards.py --segmentation``
-    tars (``{key}.jpg``, ``{key}.png``, ``{key}.json``); decoding happens in ``map_batches``."""
+    tars (``{key}.jpg``, ``{key}.png``, ``{key}.json``). The read task only streams raw bytes;
+    parsing the json and recomputing labels from the mask happen in ``map_batches``. A truncated
+    tar keeps the samples before the break (see :func:`wsss_ray.data.webdataset.read_shards`)."""
     from wsss_ray.data.webdataset import read_shards
 
-    return read_shards(paths, shuffle_files=False).map_batches(
+    return read_shards(list(paths), shuffle_files=False).map_batches(
         _shard_rows, batch_format="numpy", batch_size=16
     )
 
 
+def _shard_key(record_id: str, index: int) -> str:
+    """The tar key of a sample: the id itself when WebDataset can group it (no dots, slashes or
+    odd characters), else the record's index (the id is always in the json)."""
+    return record_id if _SAFE_KEY.fullmatch(record_id) else f"{index:09d}"
+
+
+_SAFE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def write_segmentation_shards(
-    source: SegSource, out_dir: str | Path, samples_per_shard: int = 1000, prefix: str = "seg"
+    source: SegSource,
+    out_dir: str | Path,
+    samples_per_shard: int = 1000,
+    prefix: str = "seg",
+    progress: bool = True,
 ) -> list[str]:
-    """Shard a source: ``{key}.jpg`` (the original bytes), ``{key}.png`` (grey class-index mask),
-    ``{key}.json`` (id, labels, dataset, split). ``class_names.txt`` is written beside them."""
+    """Shard a source into ``{prefix}-{i:06d}.tar``: ``{key}.jpg`` (the original JPEG bytes),
+    ``{key}.png`` (the mask as a grey class-index PNG, palette masks converted), ``{key}.json``
+    (``id``, ``labels``, ``dataset``, ``split``). The class names go to ``class_names.txt``
+    beside the tars. Each tar is written under a ``.tmp`` name and renamed when complete."""
     import webdataset as wds
     from tqdm import tqdm
 
+    if samples_per_shard < 1:
+        raise ValueError("samples_per_shard must be >= 1")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "class_names.txt").write_text("\n".join(source.class_names) + "\n")
     paths: list[str] = []
     records = source.records
+    bar = tqdm(total=len(records), disable=not progress, unit="img", desc="sharding")
     for start in range(0, len(records), samples_per_shard):
         final = out_dir / f"{prefix}-{len(paths):06d}.tar"
         tmp = final.with_suffix(".tar.tmp")
         with wds.TarWriter(str(tmp), mtime=0.0) as sink:
-            chunk = records[start : start + samples_per_shard]
-            for r in tqdm(chunk, desc=final.name, leave=False):
+            for i, r in enumerate(records[start : start + samples_per_shard], start):
                 mask = read_mask(r.mask)
                 meta = {
                     "id": r.id,
@@ -175,12 +246,14 @@ def write_segmentation_shards(
                 }
                 sink.write(
                     {
-                        "__key__": r.id,
+                        "__key__": _shard_key(r.id, i),
                         "jpg": Path(r.image).read_bytes(),
                         "png": encode_mask(mask),
                         "json": json.dumps(meta).encode(),
                     }
                 )
+                bar.update()
         tmp.replace(final)
         paths.append(str(final))
+    bar.close()
     return paths

@@ -188,10 +188,7 @@ def make_scene(index: int, seed: int = 0, size: int = 128, crowd_prob: float = 0
         visible = [(owner == i).sum() / max(a, 1) for i, a in enumerate(areas)]
         if min(visible) >= 0.4:
             break
-    # Half the captions leave colours out: colour alone would let image-text matching ignore the
-    # shapes, and then shape names would mean nothing to the text tower (zero-shot would fail).
-    with_colour = bool(rng.random() < 0.5)
-    phrases = [o.phrase(with_colour) for o in objects]
+    phrases = [o.phrase() for o in objects]
     template = _TEMPLATES[len(objects)][int(rng.integers(len(_TEMPLATES[len(objects)])))]
     caption = template.format(**dict(zip("abc", phrases)))
     caption = caption[0].upper() + caption[1:] if rng.random() < 0.5 else caption

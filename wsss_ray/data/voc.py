@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wsss_ray.data.segmentation import SegRecord, SegSource, class_names_override, read_split
+from wsss_ray.data.segmentation import (
+    SegRecord,
+    SegSource,
+    class_names_override,
+    read_split,
+    require_files,
+)
 
 VOC_CLASSES = [
     "background",
@@ -38,6 +44,9 @@ VOC_CLASSES = [
 
 
 def voc_source(root: str | Path, split: str = "val", aug: bool | None = None) -> SegSource:
+    """VOC 2012 ``split`` (``train`` | ``val`` | ``train_aug`` | any ``ImageSets`` list) under
+    the ``VOC2012`` folder ``root``. ``aug=None`` reads the grey SBD ``SegmentationClassAug`` for
+    ``train_aug`` and the palette ``SegmentationClass`` otherwise; True/False force either."""
     root = Path(root)
     aug = split == "train_aug" if aug is None else aug
     mask_dir = root / ("SegmentationClassAug" if aug else "SegmentationClass")
@@ -49,7 +58,5 @@ def voc_source(root: str | Path, split: str = "val", aug: bool | None = None) ->
         SegRecord(n, str(root / "JPEGImages" / f"{n}.jpg"), str(mask_dir / f"{n}.png"))
         for n in names
     ]
-    missing = [r.mask for r in records if not Path(r.mask).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} VOC masks missing, e.g. {missing[0]}")
+    require_files(records, f"VOC {split}")
     return SegSource("voc", split, class_names_override(root, VOC_CLASSES), records, bg_thresh=0.95)
