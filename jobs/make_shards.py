@@ -6,12 +6,16 @@ Sources (pick one):
                           against the table's folder
   --synthetic N           N synthetic shapes images with captions (for trying things out)
   --segmentation voc|coco|context --root DIR --split NAME
-                          a segmentation split as {key}.jpg, {key}.png (grey class-index mask),
-                          {key}.json (id, labels); class_names.txt is written beside the tars
+                          a segmentation split (evaluation data for a cluster without shared
+                          storage): {key}.jpg (the original JPEG), {key}.png (grey class-index
+                          mask, 255 = ignore), {key}.json (id, labels, dataset, split); the key
+                          is the image id. class_names.txt is written beside the tars; read them
+                          with wsss_ray.data.segmentation.read_segmentation_shards
 
 Unreadable images and empty captions are skipped and counted in the summary, never fatal.
 
   python jobs/make_shards.py --folder photos/ --out shards/ --samples-per-shard 1000
+  python jobs/make_shards.py --segmentation voc --root VOCdevkit/VOC2012 --split val --out voc_val/
 """
 
 from __future__ import annotations
