@@ -224,12 +224,20 @@ def write_webdataset(
     return sink.paths
 
 
+def _settings_match(folder: Path, settings: dict) -> bool:
+    stamp = folder / "SETTINGS.json"
+    return stamp.exists() and json.loads(stamp.read_text()) == settings
+
+
+def _stamp(folder: Path, settings: dict) -> None:
+    (folder / "SETTINGS.json").write_text(json.dumps(settings))
+
+
 def ensure_synthetic_shards(
     out_dir: str | Path, num_images: int, seed: int, size: int, samples_per_shard: int
 ) -> list[str]:
     """Write the synthetic shards once; reuse them when the same settings exist already."""
     out_dir = Path(out_dir)
-    stamp = out_dir / "SETTINGS.json"
     settings = {
         "version": GENERATOR_VERSION,
         "num_images": num_images,
@@ -237,13 +245,31 @@ def ensure_synthetic_shards(
         "size": size,
         "samples_per_shard": samples_per_shard,
     }
-    if stamp.exists() and json.loads(stamp.read_text()) == settings:
+    if _settings_match(out_dir, settings):
         return sorted(str(p) for p in out_dir.glob("*.tar"))
     for old in out_dir.glob("*.tar"):
         old.unlink()
     paths = write_webdataset(out_dir, num_images, seed, size, samples_per_shard)
-    stamp.write_text(json.dumps(settings))
+    _stamp(out_dir, settings)
     return paths
+
+
+def ensure_synthetic_voc(
+    root: str | Path, num_train: int, num_val: int, seed: int, size: int
+) -> Path:
+    """Write the synthetic VOC2012 layout once; reuse it when the same settings exist."""
+    root = Path(root)
+    settings = {
+        "version": GENERATOR_VERSION,
+        "num_train": num_train,
+        "num_val": num_val,
+        "seed": seed,
+        "size": size,
+    }
+    if not _settings_match(root, settings):
+        write_voc(root, num_train, num_val, seed, size)
+        _stamp(root, settings)
+    return root
 
 
 # ------------------------------------------------------------------------------------ VOC

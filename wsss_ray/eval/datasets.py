@@ -4,35 +4,15 @@ pretraining shards: its own seed)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from wsss_ray.config import SegDataConfig
 
 
-def ensure_synthetic_voc(folder: str | Path, num_train: int, num_val: int, seed: int, size: int):
-    """Write the synthetic VOC2012 layout once; reuse it when the same settings exist."""
-    from wsss_ray.data.synthetic import GENERATOR_VERSION, write_voc
-
-    folder = Path(folder)
-    stamp = folder / "SETTINGS.json"
-    settings = {
-        "version": GENERATOR_VERSION,
-        "num_train": num_train,
-        "num_val": num_val,
-        "seed": seed,
-        "size": size,
-    }
-    if stamp.exists() and json.loads(stamp.read_text()) == settings:
-        return folder
-    write_voc(folder, num_train, num_val, seed, size)
-    stamp.write_text(json.dumps(settings))
-    return folder
-
-
 def resolve_source(data: SegDataConfig, output_dir: str | Path):
     """A ``SegSource`` for ``data`` (first ``max_images`` records when set)."""
     from wsss_ray.data.segmentation import open_source
+    from wsss_ray.data.synthetic import ensure_synthetic_voc
 
     root = data.root
     if not root:
