@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo demo-clip test test-slow lint format mlflow-ui clean
+.PHONY: setup demo demo-clip demo-vpl test test-slow lint format mlflow-ui clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -21,6 +21,14 @@ demo: $(STAMP)  ## the main job on the embedded default (local Ray, local MLflow
 
 demo-clip: $(STAMP)  ## the tiny CLIP on the same embedded default
 	$(BIN)/python jobs/pretrain_clip.py --config configs/clip/tiny.yaml run.output_dir=outputs/demo
+
+CLIP_RUN := outputs/demo/ray_results/clip_tiny
+
+demo-vpl: $(STAMP)  ## VPL phase 1 on synthetic VOC: tiny CLIP (once), prototypes, seeds with text and vision prototypes
+	test -d $(CLIP_RUN) || $(BIN)/python jobs/pretrain_clip.py --config configs/clip/tiny.yaml run.output_dir=outputs/demo
+	$(BIN)/python jobs/vpl_prototypes.py --config configs/vpl/tiny.yaml run.output_dir=outputs/demo
+	$(BIN)/python jobs/vpl_pseudo_labels.py --config configs/vpl/tiny.yaml run.output_dir=outputs/demo cam.prototypes=text
+	$(BIN)/python jobs/vpl_pseudo_labels.py --config configs/vpl/tiny.yaml run.output_dir=outputs/demo cam.prototypes=vision
 
 test: $(STAMP)  ## the default suite (CPU, < 20 min on 2 cores)
 	$(BIN)/python -m pytest -q

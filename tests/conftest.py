@@ -1,4 +1,6 @@
-"""Shared fixtures: a small local Ray for integration tests (started once per session)."""
+"""Shared fixtures: a small local Ray for integration tests, started per test module and shut
+down after it, so no Ray driver state (actors, executor threads, raylet links) outlives the
+module that needed it: unit tests that spawn their own processes run without Ray alive."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import pytest
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
     import ray
 

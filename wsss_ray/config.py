@@ -266,6 +266,73 @@ class PGSegPretrainConfig(TrainJobConfig):
     eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
 
 
+# ---------------------------------------------------------------------------------- VPL
+@dataclass
+class FrozenClipConfig:
+    name: str = _f("ViT-B-16", "open_clip architecture of the frozen CLIP (wsss-tiny for CPU)")
+    weights: str = _f(
+        "",
+        "local open_clip weights file, or a jobs/pretrain_clip.py run/checkpoint folder (required)",
+    )
+
+
+@dataclass
+class PromptConfig:
+    templates: list[str] = _f(["a clean origami {}."], "prompt templates, averaged per class")
+    background: list[str] = _f(
+        [], "background words always in the CAM softmax; [] = dataset default (VOC 25, COCO 23)"
+    )
+
+
+@dataclass
+class PrototypeConfig:
+    tau_t: float = _f(0.01, "temperature of the text target p' (restricted to Y_i + background)")
+    tau_i: float = _f(0.07, "temperature of the prediction p = softmax(W f / tau_I)")
+    lam: float = _f(1.0e-4, "weight of ||W||_F^2")
+    init: str = _f("text", "W0: text (= Z) | zero")
+    max_iter: int = _f(500, "gradient-descent iterations at most")
+    tol: float = _f(1.0e-6, "stop when the objective's relative change is below this")
+    patches_per_image: int = _f(0, "patch features kept per image, random (0 = all)")
+    shard_images: int = _f(256, "images per cached feature shard (the unit of resume)")
+    chunk_size: int = _f(65536, "feature rows per chunk of the full-batch gradient")
+    log_every: int = _f(10, "print the objective every N iterations (0 = off)")
+
+
+@dataclass
+class CamConfig:
+    prototypes: str = _f("text", "prototypes in the GradCAM softmax: text | vision")
+    prototype_file: str = _f(
+        "", "vision prototypes .pt ('' = prototypes.pt of this run from jobs/vpl_prototypes.py)"
+    )
+    scale: float = _f(1.0, "resize factor; the size is then rounded up to a patch multiple")
+    refine_layers: int = _f(8, "CAA: attention of the last N blocks (0 = no refinement)")
+    box_thresh: float = _f(
+        -1.0, "CAA box mask at CAM > t * max; < 0 = dataset default (VOC .4 COCO .7)"
+    )
+    alpha: float = _f(1.0, "background score (1 - max_c CAM) ** alpha")
+    crf: bool = _f(False, "dense CRF on the refined seeds (needs the crf extra)")
+    conf_thresh: float = _f(0.95, "after CRF: max probability below this -> 255")
+
+
+@dataclass
+class VPLConfig:
+    """Both VPL phase-1 jobs (vpl_prototypes, vpl_pseudo_labels) read this; outputs meet in
+    <run.output_dir>/<run.name>/."""
+
+    task: str = "vpl"
+    clip: FrozenClipConfig = field(default_factory=FrozenClipConfig)
+    data: SegDataConfig = field(default_factory=lambda: SegDataConfig(split="train_aug"))
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    prototypes: PrototypeConfig = field(default_factory=PrototypeConfig)
+    cam: CamConfig = field(default_factory=CamConfig)
+    infer: InferenceConfig = field(default_factory=InferenceConfig)
+    num_overlays: int = _f(4, "image | ground truth | pseudo-label overlays logged to MLflow")
+    seed: int = _f(0, "seed of the patch subsampling")
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="vpl"))
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
 # ------------------------------------------------------------------------------- loading
 def _explain(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None) or "?"
@@ -375,6 +442,35 @@ def validate(cfg: Any) -> None:
         )
     if isinstance(cfg, PGSegPretrainConfig):
         need(cfg.eval.every >= 0, "eval.every", "must be >= 0")
+    if isinstance(cfg, VPLConfig):
+        w = cfg.clip.weights
+        need(bool(w), "clip.weights", "give a local CLIP weights file or pretrain_clip run folder")
+        need(os.path.exists(w), "clip.weights", f"no such file or folder: {w}")
+        p, c = cfg.prototypes, cfg.cam
+        need(p.init in ("text", "zero"), "prototypes.init", "text | zero")
+        need(p.tau_t > 0 and p.tau_i > 0, "prototypes.tau_t", "temperatures must be > 0")
+        need(p.lam >= 0, "prototypes.lam", "must be >= 0")
+        need(p.max_iter > 0, "prototypes.max_iter", "must be > 0")
+        need(p.patches_per_image >= 0, "prototypes.patches_per_image", "must be >= 0")
+        need(p.shard_images > 0, "prototypes.shard_images", "must be > 0")
+        need(c.prototypes in ("text", "vision"), "cam.prototypes", "text | vision")
+        need(
+            not c.prototype_file or os.path.isfile(c.prototype_file),
+            "cam.prototype_file",
+            f"no such file: {c.prototype_file}",
+        )
+        need(c.scale > 0, "cam.scale", "must be > 0")
+        need(c.refine_layers >= 0, "cam.refine_layers", "must be >= 0")
+        need(0 <= c.conf_thresh <= 1, "cam.conf_thresh", "must be in [0, 1]")
+        if c.crf:
+            from wsss_ray.ops.crf import crf_available
+
+            need(crf_available(), "cam.crf", "needs pydensecrf: pip install -e '.[crf]'")
+        need(
+            all("{}" in t for t in cfg.prompts.templates) and bool(cfg.prompts.templates),
+            "prompts.templates",
+            "every template needs a {} for the class name",
+        )
     model = getattr(cfg, "model", None)
     if model is not None and getattr(model, "pretrained", ""):
         need(
@@ -385,7 +481,7 @@ def validate(cfg: Any) -> None:
 
 
 def _seg_sections(cfg: Any) -> list[tuple[str, SegDataConfig]]:
-    if isinstance(cfg, PGSegEvalConfig):
+    if isinstance(cfg, (PGSegEvalConfig, VPLConfig)):
         return [("data", cfg.data)]
     if isinstance(cfg, PGSegPretrainConfig) and cfg.eval.every:
         return [("eval.data", cfg.eval.data)]

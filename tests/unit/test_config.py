@@ -9,6 +9,7 @@ from wsss_ray.config import (
     ConfigError,
     PGSegEvalConfig,
     PGSegPretrainConfig,
+    VPLConfig,
     load_config,
     parse_job_args,
     reference,
@@ -90,7 +91,7 @@ def test_readme_config_reference_is_current():
 
     readme = Path(__file__).resolve().parents[2] / "README.md"
     text = readme.read_text()
-    for schema in (ClipPretrainConfig, PGSegEvalConfig):
+    for schema in (ClipPretrainConfig, PGSegEvalConfig, VPLConfig):
         assert reference(schema) in text, (
             f"README's config reference is stale: paste reference({schema.__name__})"
         )
@@ -115,3 +116,26 @@ def test_eval_config_errors_name_the_key(tmp_path):
         load_config(
             PGSegPretrainConfig, "configs/pgseg/tiny.yaml", ["eval.every=5", "eval.data.kind=x"]
         )
+
+
+def test_vpl_config_errors_name_the_key(tmp_path):
+
+    with pytest.raises(ConfigError, match=r"clip\.weights: give a local CLIP weights file"):
+        load_config(VPLConfig, None, [])
+    with pytest.raises(ConfigError, match=r"clip\.weights: no such file or folder"):
+        load_config(VPLConfig, None, [f"clip.weights={tmp_path}/ViT-B-16.pt"])
+    w = tmp_path / "w.pt"
+    w.write_bytes(b"")
+    ok = [f"clip.weights={w}"]
+    assert load_config(VPLConfig, None, ok).data.split == "train_aug"
+    with pytest.raises(ConfigError, match=r"cam\.prototypes: text \| vision"):
+        load_config(VPLConfig, None, [*ok, "cam.prototypes=both"])
+    with pytest.raises(ConfigError, match=r"prototypes\.init: text \| zero"):
+        load_config(VPLConfig, None, [*ok, "prototypes.init=random"])
+    with pytest.raises(ConfigError, match=r"cam\.prototype_file: no such file"):
+        load_config(VPLConfig, None, [*ok, f"cam.prototype_file={tmp_path}/p.pt"])
+    for name in ("voc", "coco"):  # the shipped configs parse (placeholder weights aside)
+        with pytest.raises(ConfigError, match=r"clip\.weights: no such file or folder"):
+            load_config(VPLConfig, f"configs/vpl/{name}.yaml", [f"data.root={tmp_path}"])
+    cfg = load_config(VPLConfig, "configs/vpl/tiny.yaml", [f"clip.weights={w}"])
+    assert cfg.clip.name == "wsss-tiny" and cfg.cam.refine_layers == 4

@@ -56,3 +56,129 @@ def create_clip(name: str, pretrained: str = "", init_logit_scale: float = 1 / 0
 def tokenizer(name: str, context_length: int | None = None):
     """open_clip's BPE tokenizer for ``name`` (bundled vocabulary; no download)."""
     return open_clip.get_tokenizer(name, context_length=context_length)
+
+
+# ----------------------------------------------------------------------------- frozen dense CLIP
+def load_frozen_clip(
+    name: str, weights: str = "", state_dict: dict[str, torch.Tensor] | None = None
+) -> nn.Module:
+    """A frozen open_clip CLIP in eval mode with weights from a local file (no hub access):
+    ``weights`` is an open_clip checkpoint file (``.pt``/``.bin``/``.safetensors``, read by
+    ``open_clip.create_model(..., pretrained=path)``), or ``state_dict`` is given instead (what
+    ``wsss_ray.eval.checkpoint.load_state_dict`` makes of a training run folder)."""
+    if state_dict is None:
+        if not weights:
+            raise FileNotFoundError(
+                f"no CLIP weights given for '{name}': set clip.weights to a local file "
+                "(e.g. ViT-B-16 open_clip weights) or a jobs/pretrain_clip.py run folder"
+            )
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"CLIP weights not found: {weights}")
+        model = open_clip.create_model(name, pretrained=weights, device="cpu")
+    else:
+        import logging
+
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # open_clip warns "no pretrained weights" before we load them
+        try:
+            model = create_clip(name)
+        finally:
+            root.setLevel(level)
+        state = dict(state_dict)
+        state["logit_scale"] = state["logit_scale"].reshape(1)
+        model.load_state_dict(state)
+    model.eval().requires_grad_(False)
+    return model
+
+
+class DenseCLIP(nn.Module):
+    """Dense access to a (frozen) open_clip ViT CLIP for CAMs and pixel features.
+
+    ``forward`` runs the image tower block by block on inputs of any size that is a multiple of
+    the patch size (position embeddings are interpolated bicubically, the class position kept),
+    and returns:
+    - ``patch_feats``: B x N x D patch tokens after ``ln_post`` and the projection (joint space,
+      not normalised), N = h * w in row-major order;
+    - ``image_feat``: B x D, their mean (the CLIP-ES image feature);
+    - ``ln1``: B x N x C, the patch-token input of the last block's attention (its ``ln_1``
+      output), a leaf of the graph to ``image_feat`` when ``cam=True`` so GradCAM can take
+      gradients with respect to it;
+    - ``attn``: the last ``attn_layers`` blocks' patch-to-patch attention, L x B x N x N,
+      averaged over heads;
+    - ``grid``: (h, w).
+    """
+
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        self.clip = clip
+        visual = clip.visual
+        if getattr(visual, "attn_pool", None) is not None or not hasattr(visual, "conv1"):
+            raise ValueError("DenseCLIP supports plain open_clip ViT image towers only")
+        self.visual = visual
+        self.patch = int(visual.conv1.kernel_size[0])
+        self.blocks = list(visual.transformer.resblocks)
+        for blk in self.blocks:
+            if not isinstance(blk.attn, nn.MultiheadAttention):
+                raise ValueError("DenseCLIP needs nn.MultiheadAttention blocks")
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.clip.logit_scale.detach().float().exp().clamp(max=100).reshape(-1)[0])
+
+    def _pos_embed(self, h: int, w: int) -> torch.Tensor:
+        pos = self.visual.positional_embedding  # (1 + g*g) x C
+        cls_pos, grid_pos = pos[:1], pos[1:]
+        g = int(round(math.sqrt(grid_pos.shape[0])))
+        if (h, w) == (g, g):
+            return pos
+        grid_pos = grid_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)
+        grid_pos = torch.nn.functional.interpolate(
+            grid_pos.float(), size=(h, w), mode="bicubic", align_corners=False
+        ).to(pos.dtype)
+        return torch.cat([cls_pos, grid_pos.permute(0, 2, 3, 1).reshape(h * w, -1)])
+
+    def _block(self, blk: nn.Module, x: torch.Tensor, y: torch.Tensor, need_attn: bool):
+        """One residual block with ``y = ln_1(x)`` given, optionally returning attention."""
+        attn = blk.attn
+        if not attn.batch_first:
+            y_in = y.transpose(0, 1)
+            out, weights = attn(y_in, y_in, y_in, need_weights=need_attn)
+            out = out.transpose(0, 1)
+        else:
+            out, weights = attn(y, y, y, need_weights=need_attn)
+        x = x + blk.ls_1(out)
+        x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+        return x, weights
+
+    def forward(self, images: torch.Tensor, attn_layers: int = 0, cam: bool = False) -> dict:
+        b, _, hh, ww = images.shape
+        if hh % self.patch or ww % self.patch:
+            raise ValueError(f"input {hh}x{ww} is not a multiple of the patch size {self.patch}")
+        h, w = hh // self.patch, ww // self.patch
+        v = self.visual
+        x = v.conv1(images.to(v.conv1.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = v.class_embedding.to(x.dtype).expand(b, 1, -1)
+        x = torch.cat([cls, x], dim=1) + self._pos_embed(h, w).to(x.dtype)
+        x = v.ln_pre(x)
+        attns = []
+        first_attn = len(self.blocks) - attn_layers
+        ln1 = None
+        for i, blk in enumerate(self.blocks):
+            last = i == len(self.blocks) - 1
+            y = blk.ln_1(x)
+            if last and cam:
+                ln1 = y[:, 1:].detach().requires_grad_(True)
+                y = torch.cat([y[:, :1], ln1], dim=1)
+            x, weights = self._block(blk, x, y, need_attn=i >= first_attn)
+            if i >= first_attn:
+                attns.append(weights[:, 1:, 1:])
+        x = v.ln_post(x)
+        patch = x[:, 1:] @ v.proj if v.proj is not None else x[:, 1:]
+        return {
+            "patch_feats": patch,
+            "image_feat": patch.mean(1),
+            "ln1": ln1,
+            "attn": torch.stack(attns) if attns else None,
+            "grid": (h, w),
+        }

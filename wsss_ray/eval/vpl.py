@@ -1,0 +1,616 @@
+"""VPL phase 1 at scale: dense CLIP features, vision prototypes, CAM seeds and pseudo-labels.
+
+Two jobs share one config (``VPLConfig``) and one folder, ``<output_dir>/<run.name>/``:
+
+- ``run_prototypes``: Ray Data batch inference on an actor pool computes each image's
+  normalised dense CLIP features (the patch tokens after ``ln_post`` and the projection) once
+  and the driver writes them in shards of ``prototypes.shard_images`` images to ``features/``
+  (a shard is the unit of resume: a rerun computes only missing shards). The convex KL
+  objective of METHODS 2.2 is then solved on the driver (``wsss_ray.ops.prototypes``) with a
+  convergence log, and ``prototypes.pt`` (W, the text prototypes Z, the names) is written and
+  logged to MLflow together with the patch accuracies of Z and W on the cached features.
+- ``run_pseudo_labels``: per image, softmax-GradCAM over (present classes + background words)
+  with text or vision prototypes, CAA refinement, background score, optional dense CRF with the
+  confidence filter -> a grey label PNG per image under ``pseudo_labels_<mode>/``, plus the
+  mIoU of the raw CAMs, the refined seeds and the final pseudo-labels against the split's
+  masks (confusion matrices summed over batches).
+
+Actors return bytes and arrays to the driver, which writes every file: the output folder only
+has to exist where the driver runs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wsss_ray.config import VPLConfig, save_resolved, to_flat_dict
+
+#: confusion-matrix kinds the pseudo-label job reports
+PL_KINDS = ("cam", "seed", "pseudo")
+
+
+# ----------------------------------------------------------------------------- the model side
+def frozen_clip(name: str, weights: str) -> torch.nn.Module:
+    """``load_frozen_clip`` for a weights file or a ``pretrain_clip`` run/checkpoint folder."""
+    import os
+
+    from wsss_ray.eval.checkpoint import load_state_dict
+    from wsss_ray.models.clip import load_frozen_clip
+
+    if weights and os.path.isdir(weights):
+        return load_frozen_clip(name, state_dict=load_state_dict(weights))
+    return load_frozen_clip(name, weights)
+
+
+class VPLModel:
+    """A frozen dense CLIP with the dataset's prompts: text prototypes Z (foreground classes,
+    then background words), preprocessing, dense features and seeds for one image."""
+
+    def __init__(
+        self,
+        name: str,
+        weights: str,
+        class_names: list[str],
+        templates: list[str],
+        background: list[str],
+        device: str | torch.device = "cpu",
+    ):
+        from wsss_ray.config import CLIP_MEAN, CLIP_STD
+        from wsss_ray.data.text import class_prompts, text_prototypes
+        from wsss_ray.models.clip import DenseCLIP, context_length, tokenizer
+
+        self.device = torch.device(device)
+        clip = frozen_clip(name, weights).to(self.device)
+        self.dense = DenseCLIP(clip)
+        self.patch = self.dense.patch
+        fg, default_bg = class_prompts(class_names)
+        self.background = list(background) or default_bg
+        self.num_fg = len(fg)
+        tok = tokenizer(name, context_length(name))
+        self.text = text_prototypes(clip, tok, fg + self.background, templates, self.device)
+        self.mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(CLIP_STD, device=self.device).view(1, 3, 1, 1)
+
+    def prepare(self, image: np.ndarray, scale: float = 1.0) -> torch.Tensor:
+        """1 x 3 x H' x W' normalised input: ``image`` resized by ``scale`` and up to the next
+        multiple of the patch size (CLIP-ES)."""
+        h0, w0 = image.shape[:2]
+        h = max(self.patch, math.ceil(h0 * scale / self.patch) * self.patch)
+        w = max(self.patch, math.ceil(w0 * scale / self.patch) * self.patch)
+        x = torch.from_numpy(np.array(image, copy=True)).to(self.device)
+        x = x.permute(2, 0, 1)[None].float() / 255.0
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+        return (x - self.mean) / self.std
+
+    @torch.no_grad()
+    def features(self, image: np.ndarray, scale: float = 1.0) -> tuple[torch.Tensor, tuple]:
+        """N x D normalised patch features and the (h, w) patch grid."""
+        out = self.dense(self.prepare(image, scale))
+        return F.normalize(out["patch_feats"][0].float(), dim=-1), out["grid"]
+
+    def seeds(
+        self,
+        image: np.ndarray,
+        labels: list[int],
+        prototypes: torch.Tensor,
+        scale: float = 1.0,
+        refine_layers: int = 8,
+        box_thresh: float = 0.4,
+        tau: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(raw CAMs, CAA-refined CAMs), each len(labels) x H x W in [0, 1] at the image size,
+        for the present classes ``labels`` (1-based class ids). ``prototypes``: K x D rows for
+        the foreground classes then the background words. Text prototypes (``tau=None``) give
+        CLIP's logits s cos(f, z); vision prototypes W give the logits they were learned with,
+        W f / tau_I (rows not normalised: their lengths are part of what was learned)."""
+        from wsss_ray.ops.affinity import attention_transition, caa_refine
+        from wsss_ray.ops.cam import softmax_gradcam, upsample_cams
+
+        h0, w0 = image.shape[:2]
+        if not labels:
+            empty = torch.zeros(0, h0, w0)
+            return empty, empty
+        fg = [c - 1 for c in labels]
+        rows = fg + list(range(self.num_fg, prototypes.shape[0]))
+        protos = prototypes[rows].float().to(self.device)
+        with torch.enable_grad():
+            out = self.dense(self.prepare(image, scale), attn_layers=refine_layers, cam=True)
+            feat = F.normalize(out["image_feat"].float(), dim=-1)
+            if tau is None:
+                logits = self.dense.logit_scale * feat @ F.normalize(protos, dim=-1).T
+            else:
+                logits = feat @ protos.T / tau
+            cams = softmax_gradcam(out["ln1"], logits, list(range(len(fg))), out["grid"])[0]
+        refined = cams
+        if refine_layers > 0:
+            trans = attention_transition(out["attn"][:, 0].detach().float())
+            refined = caa_refine(cams, trans, box_thresh)
+        return upsample_cams(cams, (h0, w0)).cpu(), upsample_cams(refined, (h0, w0)).cpu()
+
+
+def patch_labels(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """The ground-truth class at each patch centre (nearest pixel), h*w uint8."""
+    h, w = grid
+    ys = ((np.arange(h) + 0.5) * mask.shape[0] / h).astype(int).clip(0, mask.shape[0] - 1)
+    xs = ((np.arange(w) + 0.5) * mask.shape[1] / w).astype(int).clip(0, mask.shape[1] - 1)
+    return mask[np.ix_(ys, xs)].reshape(-1).astype(np.uint8)
+
+
+def _decode(img_bytes: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(bytes(img_bytes))).convert("RGB"))
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class FeatureExtractor:
+    """Ray Data actor: a batch of images -> per image its patch features (float16), patch
+    ground truth (for diagnostics only) and image-level labels."""
+
+    def __init__(self, cfg: VPLConfig, class_names: list[str]):
+        self.model = VPLModel(
+            cfg.clip.name,
+            cfg.clip.weights,
+            class_names,
+            list(cfg.prompts.templates),
+            list(cfg.prompts.background),
+            _device(),
+        )
+        self.scale = cfg.cam.scale
+        self.keep = cfg.prototypes.patches_per_image
+        self.seed = cfg.seed
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import zlib
+
+        from wsss_ray.data.segmentation import decode_mask_bytes
+
+        feats, gts = [], []
+        for key, img, mask in zip(batch["id"], batch["image"], batch["mask"]):
+            f, grid = self.model.features(_decode(img), self.scale)
+            gt = patch_labels(decode_mask_bytes(mask), grid)
+            if self.keep and f.shape[0] > self.keep:
+                rng = np.random.default_rng([self.seed, zlib.crc32(str(key).encode())])
+                idx = np.sort(rng.choice(f.shape[0], self.keep, replace=False))
+                f, gt = f[idx], gt[idx]
+            feats.append(f.half().cpu().numpy())
+            gts.append(gt)
+        return {
+            "id": batch["id"],
+            "labels": batch["labels"],
+            "feats": np.array(feats + [None], dtype=object)[:-1],
+            "patch_gt": np.array(gts + [None], dtype=object)[:-1],
+        }
+
+
+# ----------------------------------------------------------------------------- shared driver bits
+def _folder(cfg: VPLConfig) -> tuple[Path, Path]:
+    out = Path(cfg.run.output_dir).resolve()
+    folder = out / cfg.run.name
+    folder.mkdir(parents=True, exist_ok=True)
+    return out, folder
+
+
+def _source(cfg: VPLConfig, out: Path):
+    from wsss_ray.eval.datasets import resolve_source
+
+    source = resolve_source(cfg.data, out)
+    if not source.records:
+        raise ValueError(f"{cfg.data.kind} split '{cfg.data.split}' has no images")
+    return source
+
+
+def _clip_weights(cfg: VPLConfig) -> VPLConfig:
+    """A copy with the weights path made absolute (actors may run elsewhere)."""
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    cfg.clip.weights = str(Path(cfg.clip.weights).resolve())
+    return cfg
+
+
+def _actor_kwargs(cfg: VPLConfig) -> dict[str, Any]:
+    import ray
+
+    from wsss_ray.runtime import cluster_has_gpus
+
+    inf = cfg.infer
+    gpus = inf.gpus_per_actor if inf.gpus_per_actor >= 0 else float(cluster_has_gpus())
+    return {
+        "batch_size": inf.batch_size,
+        "compute": ray.data.ActorPoolStrategy(min_size=inf.actors[0], max_size=inf.actors[1]),
+        "num_cpus": inf.cpus_per_actor,
+        "num_gpus": gpus,
+        "batch_format": "numpy",
+    }
+
+
+def _open_tracker(cfg: VPLConfig, out: Path, folder: Path, name: str, config_file: Path):
+    from wsss_ray.tracking import Tracker, local_artifact_location, tracking_uri
+
+    uri = tracking_uri(cfg.tracking.uri, str(out))
+    tracker = Tracker.open_run(
+        uri,
+        cfg.tracking.experiment,
+        name,
+        str(folder),
+        to_flat_dict(cfg),
+        str(config_file),
+        local_artifact_location(uri, str(out)),
+        resume=False,
+    )
+    return uri, tracker
+
+
+def _progress(label: str, done: int, total: int, t0: float) -> None:
+    rate = done / max(time.perf_counter() - t0, 1e-9)
+    print(f"[wsss_ray] {label} {done}/{total} images ({rate:.1f} images/s)", flush=True)
+
+
+# ----------------------------------------------------------------------------- features + solve
+def feature_shards(folder: Path) -> list[Path]:
+    return sorted((folder / "features").glob("shard_*.npz"))
+
+
+def cache_features(cfg: VPLConfig, source, folder: Path) -> list[Path]:
+    """Compute the dense features of every image whose shard is not on disk yet."""
+    from wsss_ray.data.segmentation import SegSource, segmentation_dataset
+    from wsss_ray.runtime import start_ray
+
+    feat_dir = folder / "features"
+    feat_dir.mkdir(exist_ok=True)
+    per = cfg.prototypes.shard_images
+    shards = [source.records[i : i + per] for i in range(0, len(source.records), per)]
+    shard_of = {r.id: k for k, recs in enumerate(shards) for r in recs}
+    todo = [k for k in range(len(shards)) if not (feat_dir / f"shard_{k:05d}.npz").exists()]
+    print(
+        f"[wsss_ray] features: {len(source.records)} images in {len(shards)} shards, "
+        f"{len(shards) - len(todo)} cached, {len(todo)} to compute",
+        flush=True,
+    )
+    if todo:
+        records = [r for k in todo for r in shards[k]]
+        sub = SegSource(source.name, source.split, source.class_names, records, source.bg_thresh)
+        inf = cfg.infer
+        start_ray(inf.actors[1] * inf.cpus_per_actor + 1, cfg.ray.num_cpus)
+        ds = segmentation_dataset(sub).map_batches(
+            FeatureExtractor, fn_constructor_args=(_clip_weights(cfg), source.class_names),
+            **_actor_kwargs(cfg),
+        )  # fmt: skip
+        pending: dict[int, dict[str, Any]] = {}
+        done, t0, next_print = 0, time.perf_counter(), 0.1
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for i, key in enumerate(batch["id"]):
+                k = shard_of[str(key)]
+                entry = pending.setdefault(k, {})
+                entry[str(key)] = (batch["feats"][i], batch["patch_gt"][i], batch["labels"][i])
+                if len(entry) == len(shards[k]):
+                    _write_shard(feat_dir / f"shard_{k:05d}.npz", shards[k], entry)
+                    del pending[k]
+            done += len(batch["id"])
+            if done / len(records) >= next_print or done == len(records):
+                _progress("features", done, len(records), t0)
+                next_print = done / len(records) + 0.1
+    return feature_shards(folder)
+
+
+def _write_shard(path: Path, records: list, entry: dict[str, tuple]) -> None:
+    ids = [r.id for r in records]
+    feats = [np.asarray(entry[i][0]) for i in ids]
+    counts = np.array([len(f) for f in feats], np.int64)
+    labels = json.dumps([[int(c) for c in entry[i][2]] for i in ids])
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(
+        tmp,
+        ids=np.array(ids),
+        counts=counts,
+        feats=np.concatenate(feats).astype(np.float16),
+        patch_gt=np.concatenate([np.asarray(entry[i][1]) for i in ids]).astype(np.uint8),
+        labels=np.array(labels),
+    )
+    tmp.replace(path)  # a shard is on disk whole or not at all
+
+
+def load_features(paths: list[Path], num_fg: int, num_bg: int) -> dict[str, torch.Tensor]:
+    """The cached features as the solver wants them: F (N x D float32), ``allowed``
+    (N x (C + B): the image's classes + every background row) and patch ground truth."""
+    feats, allowed, gts = [], [], []
+    for p in paths:
+        z = np.load(p)
+        labels = json.loads(str(z["labels"]))
+        rows = np.zeros((len(labels), num_fg + num_bg), bool)
+        rows[:, num_fg:] = True
+        for i, labs in enumerate(labels):
+            rows[i, [c - 1 for c in labs]] = True
+        allowed.append(np.repeat(rows, z["counts"], axis=0))
+        feats.append(z["feats"].astype(np.float32))
+        gts.append(z["patch_gt"])
+    return {
+        "F": torch.from_numpy(np.concatenate(feats)),
+        "allowed": torch.from_numpy(np.concatenate(allowed)),
+        "patch_gt": torch.from_numpy(np.concatenate(gts).astype(np.int64)),
+    }
+
+
+def patch_accuracy(
+    F_: torch.Tensor,
+    P: torch.Tensor,
+    gt: torch.Tensor,
+    num_fg: int,
+    allowed: torch.Tensor | None = None,
+) -> float:
+    """Share of patches (gt != 255) whose argmax over the prototypes is their class (any
+    background row counts as class 0). Over all classes by default (where the modality gap
+    shows); with ``allowed`` only over the image's classes + background (what the target of the
+    objective uses). Rows are used as they are: Z is unit-norm, W's row lengths are learned."""
+    scores = F_ @ P.float().T
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    idx = scores.argmax(1)
+    pred = torch.where(idx < num_fg, idx + 1, torch.zeros_like(idx))
+    valid = gt != 255
+    return float((pred[valid] == gt[valid]).float().mean()) if bool(valid.any()) else float("nan")
+
+
+def run_prototypes(cfg: VPLConfig) -> dict[str, Any]:
+    """Cache features (resumable), solve for W, write ``prototypes.pt``; returns metrics."""
+    from wsss_ray.ops.prototypes import solve_vision_prototypes
+
+    out, folder = _folder(cfg)
+    config_file = save_resolved(cfg, folder)
+    source = _source(cfg, out)
+    print(
+        f"[wsss_ray] VPL prototypes: {source.name} {source.split}, {len(source.records)} "
+        f"images, CLIP {cfg.clip.name} from {cfg.clip.weights}",
+        flush=True,
+    )
+    model = VPLModel(
+        cfg.clip.name, cfg.clip.weights, source.class_names,
+        list(cfg.prompts.templates), list(cfg.prompts.background),
+    )  # fmt: skip
+    Z = model.text.cpu()
+    t0 = time.perf_counter()
+    paths = cache_features(cfg, source, folder)
+    feat_s = time.perf_counter() - t0
+    data = load_features(paths, model.num_fg, len(model.background))
+    p = cfg.prototypes
+    print(
+        f"[wsss_ray] solving W ({Z.shape[0]} x {Z.shape[1]}) on {data['F'].shape[0]} patch "
+        f"features: tau_T {p.tau_t} tau_I {p.tau_i} lambda {p.lam} init {p.init}",
+        flush=True,
+    )
+
+    def log(msg: str) -> None:
+        print(f"[wsss_ray] {msg}", flush=True)
+
+    W, slog = solve_vision_prototypes(
+        data["F"], Z, data["allowed"], tau_T=p.tau_t, tau_I=p.tau_i, lam=p.lam, init=p.init,
+        max_iter=p.max_iter, tol=p.tol, chunk_size=p.chunk_size, log_every=p.log_every,
+        log_fn=log,
+    )  # fmt: skip
+    acc = {
+        f"{name}{suffix}": patch_accuracy(data["F"], P, data["patch_gt"], model.num_fg, allowed)
+        for name, P in (("text", Z), ("vision", W))
+        for suffix, allowed in (("", None), ("_given_labels", data["allowed"]))
+    }
+    acc_text, acc_vis = acc["text"], acc["vision"]
+    names = source.class_names[1:] + [f"bg:{w}" for w in model.background]
+    torch.save(
+        {
+            "W": W.cpu(),
+            "Z": Z,
+            "tau_i": p.tau_i,
+            "names": names,
+            "num_fg": model.num_fg,
+            "config": to_flat_dict(cfg),
+        },
+        folder / "prototypes.pt",
+    )
+    objective = [slog.initial_objective, *slog.objective]
+    grad_norm = [slog.initial_grad_norm, *slog.grad_norm]
+    metrics = {
+        "proto/objective": float(objective[-1]),
+        "proto/objective_start": float(objective[0]),
+        "proto/grad_norm": float(grad_norm[-1]),
+        "proto/grad_norm_start": float(grad_norm[0]),
+        "proto/iterations": int(slog.iterations),
+        "proto/converged": float(bool(slog.converged)),
+        "proto/solve_seconds": float(slog.seconds),
+        **{f"proto/patch_acc_{k}": v for k, v in acc.items()},
+        "features/images": len(source.records),
+        "features/patches": int(data["F"].shape[0]),
+        "features/seconds": feat_s,
+    }
+    (folder / "prototypes.json").write_text(
+        json.dumps(
+            {**metrics, "reason": slog.reason, "objective_log": list(slog.objective)}, indent=2
+        )
+    )
+    print(
+        f"[wsss_ray] W: {slog.iterations} iterations ({slog.reason}), objective "
+        f"{objective[0]:.4f} -> {objective[-1]:.4f}, gradient norm {grad_norm[0]:.2e} -> "
+        f"{grad_norm[-1]:.2e} | patch accuracy over all classes: text {100 * acc_text:.1f} vs "
+        f"vision {100 * acc_vis:.1f} (given the image labels: {100 * acc['text_given_labels']:.1f}"
+        f" vs {100 * acc['vision_given_labels']:.1f}) | {folder / 'prototypes.pt'}",
+        flush=True,
+    )
+    if cfg.tracking.enabled:
+        uri, tracker = _open_tracker(cfg, out, folder, f"{cfg.run.name}_prototypes", config_file)
+        for i, (obj, gn) in enumerate(zip(objective, grad_norm)):
+            tracker.log_metrics({"proto/objective_iter": obj, "proto/grad_norm_iter": gn}, i)
+        tracker.log_metrics(metrics, 0)
+        tracker.log_artifact(str(folder / "prototypes.pt"))
+        tracker.log_artifact(str(folder / "prototypes.json"))
+        tracker.finish()
+        metrics["mlflow_run_id"] = tracker.run_id
+        print(f"[wsss_ray] MLflow: {uri} (run {tracker.run_id})", flush=True)
+    metrics["output"] = str(folder)
+    return metrics
+
+
+# ----------------------------------------------------------------------------- pseudo-labels
+def prototype_file(cfg: VPLConfig) -> Path:
+    if cfg.cam.prototype_file:
+        return Path(cfg.cam.prototype_file)
+    return Path(cfg.run.output_dir).resolve() / cfg.run.name / "prototypes.pt"
+
+
+class PseudoLabeler:
+    """Ray Data actor: seeds -> refinement -> (CRF) -> label PNG bytes and confusion matrices
+    (raw CAM, refined seed, final pseudo-label) for a batch of images."""
+
+    def __init__(self, cfg: VPLConfig, class_names: list[str], bg_default: float, overlays):
+        from wsss_ray.ops.crf import crf_available
+
+        self.model = VPLModel(
+            cfg.clip.name, cfg.clip.weights, class_names,
+            list(cfg.prompts.templates), list(cfg.prompts.background), _device(),
+        )  # fmt: skip
+        if cfg.cam.prototypes == "vision":
+            saved = torch.load(prototype_file(cfg), map_location="cpu", weights_only=False)
+            if saved["W"].shape != self.model.text.shape:
+                raise ValueError(
+                    f"prototypes {tuple(saved['W'].shape)} do not fit this dataset's "
+                    f"{tuple(self.model.text.shape)} prompts"
+                )
+            self.protos = saved["W"]
+            self.tau = float(saved.get("tau_i", cfg.prototypes.tau_i))
+        else:
+            self.protos, self.tau = self.model.text, None
+        self.cam = cfg.cam
+        self.box = cfg.cam.box_thresh if cfg.cam.box_thresh >= 0 else bg_default
+        self.c = len(class_names)
+        self.overlays = set(overlays)
+        if cfg.cam.crf and not crf_available():
+            raise ImportError("cam.crf needs pydensecrf: pip install 'wsss_ray[crf]'")
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from wsss_ray.data.segmentation import decode_mask_bytes, encode_mask
+        from wsss_ray.eval.miou import confusion_matrix
+        from wsss_ray.eval.pgseg import overlay_png
+        from wsss_ray.ops.crf import confidence_filter, dense_crf, pseudo_label, stack_background
+
+        conf = np.zeros((len(PL_KINDS), self.c, self.c), np.int64)
+        pngs, overlays = [], []
+        for key, img, mask, labels in zip(
+            batch["id"], batch["image"], batch["mask"], batch["labels"]
+        ):  # noqa: E501
+            image, gt = _decode(img), decode_mask_bytes(mask)
+            labels = [int(c) for c in labels]
+            cams, refined = self.model.seeds(
+                image, labels, self.protos, self.cam.scale, self.cam.refine_layers, self.box,
+                self.tau,
+            )  # fmt: skip
+            cam_label = pseudo_label(cams.numpy(), labels, self.cam.alpha)
+            seed = pseudo_label(refined.numpy(), labels, self.cam.alpha)
+            final = seed
+            if self.cam.crf:
+                post = dense_crf(image, stack_background(refined.numpy(), self.cam.alpha))
+                final = confidence_filter(post, self.cam.conf_thresh, 255, [0, *labels])
+            conf[0] += confusion_matrix(cam_label, gt, self.c)
+            conf[1] += confusion_matrix(seed, gt, self.c)
+            valid = final != 255  # pseudo-label quality on the pixels it labels
+            conf[2] += confusion_matrix(np.where(valid, final, 0), np.where(valid, gt, 255), self.c)
+            pngs.append(encode_mask(final))
+            overlays.append(overlay_png(image, gt, final) if str(key) in self.overlays else b"")
+        n = len(pngs)
+        confs = np.zeros((n, *conf.shape), np.int64)
+        confs[0] = conf
+        return {
+            "id": batch["id"],
+            "png": np.array(pngs + [None], dtype=object)[:-1],
+            "overlay": np.array(overlays + [None], dtype=object)[:-1],
+            "confusion": confs,
+        }
+
+
+def run_pseudo_labels(cfg: VPLConfig) -> dict[str, Any]:
+    """Seeds and pseudo-labels for a whole split; returns the mIoUs."""
+    from wsss_ray.data.segmentation import segmentation_dataset
+    from wsss_ray.eval.miou import iou_from_confusion
+    from wsss_ray.runtime import start_ray
+
+    out, folder = _folder(cfg)
+    config_file = save_resolved(cfg, folder)
+    source = _source(cfg, out)
+    mode = cfg.cam.prototypes
+    if mode == "vision" and not prototype_file(cfg).is_file():
+        raise FileNotFoundError(
+            f"no vision prototypes at {prototype_file(cfg)}: run jobs/vpl_prototypes.py with "
+            "the same config first, or set cam.prototype_file"
+        )
+    box_default = 0.7 if source.name == "coco" else 0.4
+    label_dir = folder / f"pseudo_labels_{mode}"
+    label_dir.mkdir(exist_ok=True)
+    n_img = len(source.records)
+    step = max(1, n_img // max(cfg.num_overlays, 1))
+    overlay_ids = [r.id for r in source.records[::step][: cfg.num_overlays]]
+    print(
+        f"[wsss_ray] VPL pseudo-labels ({mode} prototypes): {source.name} {source.split}, "
+        f"{n_img} images -> {label_dir}",
+        flush=True,
+    )
+    inf = cfg.infer
+    start_ray(inf.actors[1] * inf.cpus_per_actor + 1, cfg.ray.num_cpus)
+    ds = segmentation_dataset(source).map_batches(
+        PseudoLabeler,
+        fn_constructor_args=(_clip_weights(cfg), source.class_names, box_default, overlay_ids),
+        **_actor_kwargs(cfg),
+    )
+    c = len(source.class_names)
+    total = np.zeros((len(PL_KINDS), c, c), np.int64)
+    (folder / f"overlays_{mode}").mkdir(exist_ok=True)
+    done, t0, next_print = 0, time.perf_counter(), 0.1
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        total += batch["confusion"].sum(0)
+        for key, png, ov in zip(batch["id"], batch["png"], batch["overlay"]):
+            (label_dir / f"{key}.png").write_bytes(bytes(png))
+            if len(ov):
+                (folder / f"overlays_{mode}" / f"{key}.png").write_bytes(bytes(ov))
+        done += len(batch["id"])
+        if done / n_img >= next_print or done == n_img:
+            _progress("pseudo-labels", done, n_img, t0)
+            next_print = done / n_img + 0.1
+    elapsed = time.perf_counter() - t0
+    results = {k: iou_from_confusion(total[i], source.class_names) for i, k in enumerate(PL_KINDS)}
+    metrics: dict[str, Any] = {}
+    for k, r in results.items():
+        metrics.update(r.metrics(f"{k}/"))
+    labelled = total[2].sum() / max(total[1].sum(), 1)
+    metrics.update({"pseudo/coverage": float(labelled), "images": done})
+    metrics["images_per_s"] = done / max(elapsed, 1e-9)
+    table = results["seed"].table()
+    (folder / f"seed_miou_{mode}.txt").write_text(table + "\n")
+    (folder / f"results_{mode}.json").write_text(json.dumps(metrics, indent=2))
+    print(table)
+    print(
+        f"[wsss_ray] {mode} prototypes: CAM mIoU {100 * results['cam'].miou:.1f} | seed (CAA) "
+        f"mIoU {100 * results['seed'].miou:.1f} | pseudo-label mIoU "
+        f"{100 * results['pseudo'].miou:.1f} on {100 * labelled:.0f}% of pixels | {done} "
+        f"images in {elapsed:.1f}s",
+        flush=True,
+    )
+    if cfg.tracking.enabled:
+        uri, tracker = _open_tracker(cfg, out, folder, f"{cfg.run.name}_pseudo_{mode}", config_file)
+        tracker.log_metrics(metrics, 0)
+        tracker.log_artifact(str(folder / f"seed_miou_{mode}.txt"))
+        tracker.log_artifact(str(folder / f"results_{mode}.json"))
+        tracker.log_artifact(str(folder / f"overlays_{mode}"), f"overlays_{mode}")
+        tracker.finish()
+        metrics["mlflow_run_id"] = tracker.run_id
+        print(f"[wsss_ray] MLflow: {uri} (run {tracker.run_id})", flush=True)
+    metrics["output"] = str(folder)
+    metrics["labels_dir"] = str(label_dir)
+    return metrics
