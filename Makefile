@@ -24,11 +24,13 @@ demo-clip: $(STAMP)  ## the tiny CLIP on the same embedded default
 
 CLIP_RUN := outputs/demo/ray_results/clip_tiny
 
-demo-vpl: $(STAMP)  ## VPL phase 1 on synthetic VOC: tiny CLIP (once), prototypes, seeds with text and vision prototypes
+demo-vpl: $(STAMP)  ## VPL on synthetic VOC: tiny CLIP (once), phase 1 (prototypes, seeds with text and vision prototypes), phase 2 (decoder with RSC, eval)
 	test -d $(CLIP_RUN) || $(BIN)/python jobs/pretrain_clip.py --config configs/clip/tiny.yaml run.output_dir=outputs/demo
 	$(BIN)/python jobs/vpl_prototypes.py --config configs/vpl/tiny.yaml run.output_dir=outputs/demo
 	$(BIN)/python jobs/vpl_pseudo_labels.py --config configs/vpl/tiny.yaml run.output_dir=outputs/demo cam.prototypes=text
 	$(BIN)/python jobs/vpl_pseudo_labels.py --config configs/vpl/tiny.yaml run.output_dir=outputs/demo cam.prototypes=vision
+	$(BIN)/python jobs/train_vpl.py --config configs/vpl/train_tiny.yaml run.output_dir=outputs/demo
+	$(BIN)/python jobs/eval_vpl.py --config configs/vpl/eval_tiny.yaml run.output_dir=outputs/demo
 
 test: $(STAMP)  ## the default suite (CPU, < 20 min on 2 cores)
 	$(BIN)/python -m pytest -q

@@ -73,6 +73,8 @@ class OptimConfig:
     betas: list[float] = _f([0.9, 0.999], "AdamW betas")
     eps: float = _f(1e-8, "AdamW eps")
     grad_clip: float = _f(5.0, "gradient clipping norm (0 = off)")
+    schedule: str = _f("cosine", "after the warm-up: cosine (to min_lr) | poly (to 0)")
+    poly_power: float = _f(0.9, "power of the poly schedule")
 
 
 @dataclass
@@ -333,6 +335,110 @@ class VPLConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
 
+@dataclass
+class SegTrainDataConfig:
+    """Images of a segmentation split with phase-1 pseudo-labels, augmented for training."""
+
+    seg: SegDataConfig = field(default_factory=lambda: SegDataConfig(split="train_aug"))
+    crop_size: int = _f(320, "training crop side (a multiple of the CLIP patch size)")
+    scale_range: list[float] = _f([0.5, 2.0], "random rescale range before the crop")
+    hflip: bool = _f(True, "random horizontal flip")
+    mean: list[float] = _f(CLIP_MEAN, "normalisation mean (RGB)")
+    std: list[float] = _f(CLIP_STD, "normalisation std (RGB)")
+    decode_batch_size: int = _f(16, "rows per map_batches call of the decode actors")
+    decode_actors: list[int] = _f([1, 2], "decode actor pool size (min, max)")
+    cpus_per_decode_actor: float = _f(1.0, "logical CPUs per decode actor")
+    local_shuffle_buffer: int = _f(0, "iter_torch_batches local shuffle buffer (0 = off)")
+
+
+@dataclass
+class PhaseOneConfig:
+    name: str = _f("vpl", "run.name of the phase-1 jobs (their outputs: <output_dir>/<name>/)")
+    folder: str = _f("", "phase-1 output folder; '' = <run.output_dir>/<phase1.name>")
+    labels: str = _f("vision", "pseudo-labels to train on: vision | text (pseudo_labels_<labels>/)")
+    prototypes: str = _f("", "vision prototypes .pt for RSC; '' = <folder>/prototypes.pt")
+
+
+@dataclass
+class DecoderConfig:
+    embed_dim: int = _f(256, "decoder width")
+    depth: int = _f(3, "transformer layers")
+    heads: int = _f(8, "attention heads")
+    dropout: float = _f(0.1, "dropout (transformer, before the classifier)")
+    lr_mult: float = _f(10.0, "decoder learning rate = optim.lr * lr_mult (WeCLIP)")
+
+
+@dataclass
+class RSCConfig:
+    weight: float = _f(0.1, "lambda_rsc: total = L_seg + weight * L_RSC (0 = no RSC)")
+    tau: float = _f(0.1, "InfoNCE temperature tau_r over the prototypes")
+
+
+@dataclass
+class SegInferConfig:
+    scales: list[float] = _f([1.0, 0.75], "test scales, softmax averaged")
+    flip: bool = _f(True, "add horizontally flipped inputs")
+    crf: bool = _f(False, "dense CRF on the averaged probabilities (needs the crf extra)")
+
+
+@dataclass
+class SegValConfig:
+    every: int = _f(0, "validation mIoU every N steps and at the end (0 = off)")
+    data: SegDataConfig = field(default_factory=lambda: SegDataConfig(max_images=32))
+    test: SegInferConfig = field(default_factory=lambda: SegInferConfig(scales=[1.0], flip=False))
+
+
+@dataclass
+class VPLTrainConfig(TrainJobConfig):
+    """VPL phase 2 (jobs/train_vpl.py): a decoder on the frozen CLIP, trained on phase-1
+    pseudo-labels with the segmentation loss and Regional Semantic Contrast."""
+
+    task: str = "vpl_seg"
+    clip: FrozenClipConfig = field(default_factory=FrozenClipConfig)
+    data: SegTrainDataConfig = field(default_factory=SegTrainDataConfig)  # type: ignore[assignment]
+    phase1: PhaseOneConfig = field(default_factory=PhaseOneConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    rsc: RSCConfig = field(default_factory=RSCConfig)
+    eval: SegValConfig = field(default_factory=SegValConfig)
+
+
+@dataclass
+class VPLEvalConfig:
+    """jobs/eval_vpl.py: multi-scale + flip inference of a phase-2 decoder on a split."""
+
+    task: str = "vpl_eval"
+    clip: FrozenClipConfig = field(default_factory=FrozenClipConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    checkpoint: str = _f("", "jobs/train_vpl.py run folder, checkpoint folder or .pt (required)")
+    data: SegDataConfig = field(default_factory=SegDataConfig)
+    test: SegInferConfig = field(default_factory=SegInferConfig)
+    infer: InferenceConfig = field(default_factory=InferenceConfig)
+    num_overlays: int = _f(4, "image | ground truth | prediction overlays logged to MLflow")
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="eval_vpl"))
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+def phase1_folder(cfg: VPLTrainConfig) -> Path:
+    """The phase-1 output folder the training reads pseudo-labels and prototypes from."""
+    return Path(cfg.phase1.folder or os.path.join(cfg.run.output_dir, cfg.phase1.name))
+
+
+def pseudo_label_dir(cfg: VPLTrainConfig) -> Path:
+    lab = cfg.phase1.labels
+    if lab in ("vision", "text"):
+        return phase1_folder(cfg) / f"pseudo_labels_{lab}"
+    return Path(lab)
+
+
+def prototypes_path(cfg: VPLTrainConfig) -> Path:
+    return (
+        Path(cfg.phase1.prototypes)
+        if cfg.phase1.prototypes
+        else (phase1_folder(cfg) / "prototypes.pt")
+    )
+
+
 # ------------------------------------------------------------------------------- loading
 def _explain(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None) or "?"
@@ -389,7 +495,8 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"config error: {key}: {msg}")
 
     if isinstance(cfg, TrainJobConfig):
-        t, d = cfg.train, cfg.data
+        t, d, o = cfg.train, cfg.data, cfg.optim
+        need(o.schedule in ("cosine", "poly"), "optim.schedule", "cosine | poly")
         need(
             t.max_steps > 0 or t.max_samples > 0, "train.max_steps", "give max_steps or max_samples"
         )
@@ -400,16 +507,60 @@ def validate(cfg: Any) -> None:
         need(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", "must be 0, 1, 2 or 3")
         need(t.precision in ("auto", "bf16", "fp32"), "train.precision", "auto | bf16 | fp32")
         need(cfg.scaling.num_workers >= 1, "scaling.num_workers", "must be >= 1")
-        need(len(d.crop_scale) == 2, "data.crop_scale", "needs two numbers (min, max)")
-        need(0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", "0 < min <= max <= 1")
+        need(bool(cfg.run.name.strip()), "run.name", "must not be empty")
         need(
             len(d.decode_actors) == 2 and 1 <= d.decode_actors[0] <= d.decode_actors[1],
             "data.decode_actors",
             "needs (min, max) with 1 <= min <= max",
         )
         need(len(d.mean) == 3 and len(d.std) == 3, "data.mean", "mean and std need 3 values")
-        need(bool(cfg.run.name.strip()), "run.name", "must not be empty")
+    if isinstance(cfg, TrainJobConfig) and isinstance(cfg.data, DataConfig):
+        d = cfg.data
+        need(len(d.crop_scale) == 2, "data.crop_scale", "needs two numbers (min, max)")
+        need(0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", "0 < min <= max <= 1")
         d.train_shards = _expand_paths("data.train_shards", d.train_shards)
+    if isinstance(cfg, VPLTrainConfig):
+        d = cfg.data
+        need(d.crop_size > 0, "data.crop_size", "must be > 0")
+        need(
+            len(d.scale_range) == 2 and 0 < d.scale_range[0] <= d.scale_range[1],
+            "data.scale_range",
+            "needs (min, max) with 0 < min <= max",
+        )
+        need(cfg.phase1.labels.strip() != "", "phase1.labels", "vision | text | a folder")
+        labels = pseudo_label_dir(cfg)
+        need(
+            labels.is_dir(),
+            "phase1.labels",
+            f"no pseudo-label folder {labels} (run jobs/vpl_pseudo_labels.py first)",
+        )
+        if cfg.rsc.weight > 0:
+            protos = prototypes_path(cfg)
+            need(
+                protos.is_file(),
+                "phase1.prototypes",
+                f"no prototypes file {protos} (run jobs/vpl_prototypes.py, or rsc.weight=0)",
+            )
+        need(cfg.rsc.tau > 0, "rsc.tau", "must be > 0")
+        need(cfg.decoder.lr_mult > 0, "decoder.lr_mult", "must be > 0")
+        need(cfg.eval.every >= 0, "eval.every", "must be >= 0")
+    for key, dec in _decoder_sections(cfg):
+        need(dec.embed_dim % dec.heads == 0, f"{key}.heads", "must divide decoder.embed_dim")
+        need(dec.depth >= 1, f"{key}.depth", "must be >= 1")
+    for key, te in _test_sections(cfg):
+        need(bool(te.scales) and all(x > 0 for x in te.scales), f"{key}.scales", "must be > 0")
+        if te.crf:
+            from wsss_ray.ops.crf import crf_available
+
+            need(crf_available(), f"{key}.crf", "needs pydensecrf: pip install -e '.[crf]'")
+    if isinstance(cfg, (VPLTrainConfig, VPLEvalConfig)):
+        w = cfg.clip.weights
+        need(bool(w), "clip.weights", "give a local CLIP weights file or pretrain_clip run folder")
+        need(os.path.exists(w), "clip.weights", f"no such file or folder: {w}")
+    if isinstance(cfg, VPLEvalConfig):
+        c = cfg.checkpoint
+        need(bool(c), "checkpoint", "give the jobs/train_vpl.py run folder")
+        need(os.path.exists(c), "checkpoint", f"no such file or folder: {c}")
     for key, sec in _seg_sections(cfg):
         need(sec.kind in SEG_KINDS, f"{key}.kind", f"one of {', '.join(SEG_KINDS)}")
         need(not sec.root or os.path.isdir(sec.root), f"{key}.root", f"no such folder: {sec.root}")
@@ -481,10 +632,27 @@ def validate(cfg: Any) -> None:
 
 
 def _seg_sections(cfg: Any) -> list[tuple[str, SegDataConfig]]:
-    if isinstance(cfg, (PGSegEvalConfig, VPLConfig)):
+    if isinstance(cfg, (PGSegEvalConfig, VPLConfig, VPLEvalConfig)):
         return [("data", cfg.data)]
-    if isinstance(cfg, PGSegPretrainConfig) and cfg.eval.every:
-        return [("eval.data", cfg.eval.data)]
+    out = []
+    if isinstance(cfg, VPLTrainConfig):
+        out.append(("data.seg", cfg.data.seg))
+    if isinstance(cfg, (PGSegPretrainConfig, VPLTrainConfig)) and cfg.eval.every:
+        out.append(("eval.data", cfg.eval.data))
+    return out
+
+
+def _decoder_sections(cfg: Any) -> list[tuple[str, DecoderConfig]]:
+    if isinstance(cfg, (VPLTrainConfig, VPLEvalConfig)):
+        return [("decoder", cfg.decoder)]
+    return []
+
+
+def _test_sections(cfg: Any) -> list[tuple[str, SegInferConfig]]:
+    if isinstance(cfg, VPLEvalConfig):
+        return [("test", cfg.test)]
+    if isinstance(cfg, VPLTrainConfig):
+        return [("eval.test", cfg.eval.test)]
     return []
 
 

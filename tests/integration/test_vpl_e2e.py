@@ -1,25 +1,34 @@
-"""VPL phase 1 end to end on a local Ray: a tiny CLIP pretrained by the training spine on
-synthetic shapes, then ``jobs/vpl_prototypes.py`` (features cached in shards, W solved, resume
-recomputes only a missing shard) and ``jobs/vpl_pseudo_labels.py`` with text and with vision
-prototypes on the synthetic VOC-layout train split: a label PNG for every image, seed mIoU above
-the all-background floor, MLflow runs for each step."""
+"""VPL end to end on a local Ray, on the synthetic VOC-layout set with a tiny CLIP pretrained by
+the training spine on synthetic shapes (trained once per module).
+
+Phase 1: ``jobs/vpl_prototypes.py`` (features cached in shards, W solved, resume recomputes only
+a missing shard) and ``jobs/vpl_pseudo_labels.py`` with text and with vision prototypes on the
+train split: a label PNG for every image, seed mIoU above the all-background floor, MLflow runs.
+
+Phase 2: ``jobs/train_vpl.py`` trains the decoder on 2 workers with DeepSpeed on the vision
+pseudo-labels, with and without RSC, validating on the val split; ``jobs/eval_vpl.py`` reproduces
+the in-training validation exactly at the same scales and reports multi-scale + flip mIoU."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from jobs import vpl_prototypes, vpl_pseudo_labels
+from jobs import eval_vpl, train_vpl, vpl_prototypes, vpl_pseudo_labels
 from wsss_ray.config import ClipPretrainConfig, load_config
 from wsss_ray.data.segmentation import open_source, read_mask
 from wsss_ray.eval.miou import confusion_matrix, iou_from_confusion
 from wsss_ray.train.driver import run
 
 
-def test_vpl_phase1_prototypes_and_pseudo_labels(ray_local, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, ray_local):
+    """A folder holding the tiny CLIP run (40 steps) every test of the module starts from."""
+    tmp_path = tmp_path_factory.mktemp("vpl")
     clip_cfg = load_config(
         ClipPretrainConfig,
         "configs/clip/tiny.yaml",
@@ -32,16 +41,28 @@ def test_vpl_phase1_prototypes_and_pseudo_labels(ray_local, tmp_path, capsys):
         ],
     )
     clip = run(clip_cfg)
-    common = [
+    return tmp_path, clip.checkpoint
+
+
+def _common(tmp_path, checkpoint) -> list[str]:
+    return [
         "--config",
         "configs/vpl/tiny.yaml",
         f"run.output_dir={tmp_path}",
-        f"clip.weights={clip.checkpoint}",
+        f"clip.weights={checkpoint}",
         "data.synthetic.num_train=32",
-        "data.synthetic.num_val=2",
+        f"data.synthetic.num_val={NUM_VAL}",
         "prototypes.shard_images=8",
         "infer.actors=[1,1]",
     ]
+
+
+NUM_VAL = 16
+
+
+def test_vpl_phase1_prototypes_and_pseudo_labels(workdir, capsys):
+    tmp_path, checkpoint = workdir
+    common = _common(tmp_path, checkpoint)
     assert vpl_prototypes.main(common) == 0
     folder = tmp_path / "vpl_tiny"
     shards = sorted((folder / "features").glob("shard_*.npz"))
@@ -102,3 +123,68 @@ def test_vpl_phase1_prototypes_and_pseudo_labels(ray_local, tmp_path, capsys):
         for r in client.search_runs(client.get_experiment_by_name("wsss_ray").experiment_id)
     }
     assert {"vpl_tiny_prototypes", "vpl_tiny_pseudo_text", "vpl_tiny_pseudo_vision"} <= names
+
+
+def test_vpl_phase2_decoder_with_and_without_rsc(workdir):
+    tmp_path, checkpoint = workdir
+    common = _common(tmp_path, checkpoint)
+    folder = tmp_path / "vpl_tiny"
+    if not (folder / "prototypes.pt").is_file():  # phase 1, when this test runs alone
+        assert vpl_prototypes.main([*common, "tracking.enabled=false"]) == 0
+    if not (folder / "results_vision.json").is_file():
+        assert vpl_pseudo_labels.main([*common, "cam.prototypes=vision"]) == 0
+    pseudo = json.loads((folder / "results_vision.json").read_text())["pseudo/miou"]
+
+    train = [
+        "--config",
+        "configs/vpl/train_tiny.yaml",
+        f"run.output_dir={tmp_path}",
+        f"clip.weights={checkpoint}",
+        "data.seg.synthetic.num_train=32",
+        f"data.seg.synthetic.num_val={NUM_VAL}",
+        "eval.data.synthetic.num_train=32",
+        f"eval.data.synthetic.num_val={NUM_VAL}",
+        "train.max_steps=40",
+        "train.log_every=10",
+        "train.ckpt_every=40",
+        "eval.every=40",
+    ]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    val = {}
+    for name, extra in (("rsc", []), ("no_rsc", ["rsc.weight=0"])):
+        assert train_vpl.main([*train, f"run.name=vpl_{name}", *extra]) == 0
+        run_info = client.search_runs(
+            [client.get_experiment_by_name("wsss_ray").experiment_id],
+            filter_string=f"attributes.run_name = 'vpl_{name}'",
+        )[0]
+        seg = [m.value for m in client.get_metric_history(run_info.info.run_id, "seg_loss")]
+        assert len(seg) == 4 and seg[-1] < 0.8 * seg[0], seg  # the decoder learns
+        has_rsc = bool(client.get_metric_history(run_info.info.run_id, "rsc_loss"))
+        assert has_rsc == (name == "rsc")
+        val[name] = run_info.data.metrics["val/miou"]
+
+    # the eval job at the training validation's settings reproduces its number exactly
+    evaluate = [
+        "--config",
+        "configs/vpl/eval_tiny.yaml",
+        f"run.output_dir={tmp_path}",
+        f"clip.weights={checkpoint}",
+        f"checkpoint={tmp_path}/ray_results/vpl_rsc",
+        "data.synthetic.num_train=32",
+        f"data.synthetic.num_val={NUM_VAL}",
+        "infer.actors=[1,1]",
+    ]
+    assert eval_vpl.main([*evaluate, "test.scales=[1.0]", "test.flip=false"]) == 0
+    same = json.loads((tmp_path / "eval_vpl_tiny" / "results.json").read_text())
+    assert same["miou"] == pytest.approx(val["rsc"], abs=1e-9)
+    assert eval_vpl.main([*evaluate, "run.name=eval_ms"]) == 0  # scales 1, 0.75 + flip
+    ms = json.loads((tmp_path / "eval_ms" / "results.json").read_text())
+    floor = ms["baseline/all_background_miou"]
+    for v in (val["rsc"], val["no_rsc"], ms["miou"]):
+        assert v > floor + 0.03, (v, floor)  # the 40-step CLIP varies by run: a loose margin
+    assert len(list((tmp_path / "eval_ms" / "overlays").glob("*.png"))) == 4
+    print(
+        f"pseudo-label mIoU (train) {100 * pseudo:.1f}; decoder val mIoU with RSC "
+        f"{100 * val['rsc']:.1f}, without {100 * val['no_rsc']:.1f}; multi-scale + flip "
+        f"{100 * ms['miou']:.1f}; all background {100 * floor:.1f}"
+    )

@@ -73,6 +73,35 @@ def test_shipped_configs_load(tmp_path):
         assert cfg.data.train_shards == [str(tmp_path / "a.tar")]
 
 
+def test_every_shipped_config_has_only_known_keys():
+    """Every YAML under configs/ merges into its job's schema (paths are placeholders there, so
+    only the keys and types are checked, not the files they name)."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from wsss_ray.config import VPLEvalConfig, VPLTrainConfig
+
+    def schema(path: Path):
+        if path.parent.name == "vpl":
+            if path.name.startswith("train_"):
+                return VPLTrainConfig
+            return VPLEvalConfig if path.name.startswith("eval_") else VPLConfig
+        if path.parent.name == "pgseg":
+            return PGSegEvalConfig if path.name.startswith("eval_") else PGSegPretrainConfig
+        return ClipPretrainConfig if path.parent.name == "clip" else None
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    checked = 0
+    for path in sorted(root.glob("*/*.yaml")):
+        if schema(path) is None:
+            continue
+        merged = OmegaConf.merge(OmegaConf.structured(schema(path)), OmegaConf.load(path))
+        OmegaConf.to_object(merged)
+        checked += 1
+    assert checked >= 16
+
+
 def test_reference_lists_every_key():
     ref = reference(ClipPretrainConfig)
     for key in (
@@ -91,7 +120,9 @@ def test_readme_config_reference_is_current():
 
     readme = Path(__file__).resolve().parents[2] / "README.md"
     text = readme.read_text()
-    for schema in (ClipPretrainConfig, PGSegEvalConfig, VPLConfig):
+    from wsss_ray.config import VPLEvalConfig, VPLTrainConfig
+
+    for schema in (ClipPretrainConfig, PGSegEvalConfig, VPLConfig, VPLEvalConfig):
         assert reference(schema) in text, (
             f"README's config reference is stale: paste reference({schema.__name__})"
         )
@@ -99,6 +130,12 @@ def test_readme_config_reference_is_current():
         line for line in reference(PGSegPretrainConfig).splitlines() if line.startswith("  eval.")
     ]
     assert pgseg_only and all(line in text for line in pgseg_only)
+    vpl_train = [  # the sections VPL phase 2 adds to the training job's
+        line
+        for line in reference(VPLTrainConfig).splitlines()
+        if line.startswith(("  data.", "  phase1.", "  decoder.", "  rsc.", "  eval.", "  optim."))
+    ]
+    assert vpl_train and all(line in text for line in vpl_train)
 
 
 def test_eval_config_errors_name_the_key(tmp_path):

@@ -29,7 +29,8 @@ def load_validation_set(cfg: Any, output_dir: str | Path) -> dict | None:
     samples = [(r.id, Path(r.image).read_bytes(), read_mask(r.mask)) for r in source.records]
     if not samples:
         raise ValueError(f"eval.data: {source.name} split '{source.split}' has no images")
-    bg = ev.zero_shot.bg_thresh if ev.zero_shot.bg_thresh >= 0 else source.bg_thresh
+    zs = getattr(ev, "zero_shot", None)
+    bg = zs.bg_thresh if zs is not None and zs.bg_thresh >= 0 else source.bg_thresh
     print(
         f"[wsss_ray] validation every {ev.every} steps on {len(samples)} {source.name} "
         f"{source.split} images",
@@ -44,6 +45,8 @@ def build_validator(cfg: Any, val: dict) -> Callable[[torch.nn.Module, int, int]
 
     from wsss_ray.eval.miou import confusion_matrix
 
+    if cfg.task == "vpl_seg":
+        return _vpl_validator(cfg, val)
     if cfg.task != "pgseg":
         raise ValueError(f"no periodic validation for task '{cfg.task}'")
     from wsss_ray.eval.pgseg import segmenter_for
@@ -59,6 +62,38 @@ def build_validator(cfg: Any, val: dict) -> Callable[[torch.nn.Module, int, int]
         for _key, jpeg, mask in val["samples"][rank::world]:
             image = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
             conf += confusion_matrix(seg.predict(image), mask, len(names))
+        return conf
+
+    return validate
+
+
+def _vpl_validator(cfg: Any, val: dict) -> Callable[[torch.nn.Module, int, int], np.ndarray]:
+    """Decoder mIoU on the validation images (scales/flip of ``eval.test``), in eval mode."""
+    from PIL import Image
+
+    from wsss_ray.data.webdataset import normalize_images
+    from wsss_ray.eval.miou import confusion_matrix
+    from wsss_ray.tasks.vpl import predict_probs
+
+    names = val["class_names"]
+    t = cfg.eval.test
+
+    def validate(task: torch.nn.Module, rank: int, world: int) -> np.ndarray:
+        device = next(task.decoder.parameters()).device
+        was_training = task.decoder.training
+        task.decoder.eval()
+        conf = np.zeros((len(names), len(names)), np.int64)
+        try:
+            for _key, jpeg, mask in val["samples"][rank::world]:
+                image = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+                x = normalize_images(
+                    torch.from_numpy(image.copy())[None].to(device), cfg.data.mean, cfg.data.std
+                )
+                task.dense.to(device)
+                probs = predict_probs(task.dense, task.decoder, x, list(t.scales), t.flip)
+                conf += confusion_matrix(probs.argmax(0).cpu().numpy(), mask, len(names))
+        finally:
+            task.decoder.train(was_training)
         return conf
 
     return validate

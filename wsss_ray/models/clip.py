@@ -106,6 +106,8 @@ class DenseCLIP(nn.Module):
       gradients with respect to it;
     - ``attn``: the last ``attn_layers`` blocks' patch-to-patch attention, L x B x N x N,
       averaged over heads;
+    - ``tokens`` (with ``tokens=True``, else None): every block's output patch tokens,
+      L x B x N x C (the VPL decoder's input);
     - ``grid``: (h, w).
     """
 
@@ -151,7 +153,9 @@ class DenseCLIP(nn.Module):
         x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
         return x, weights
 
-    def forward(self, images: torch.Tensor, attn_layers: int = 0, cam: bool = False) -> dict:
+    def forward(
+        self, images: torch.Tensor, attn_layers: int = 0, cam: bool = False, tokens: bool = False
+    ) -> dict:
         b, _, hh, ww = images.shape
         if hh % self.patch or ww % self.patch:
             raise ValueError(f"input {hh}x{ww} is not a multiple of the patch size {self.patch}")
@@ -161,7 +165,7 @@ class DenseCLIP(nn.Module):
         cls = v.class_embedding.to(x.dtype).expand(b, 1, -1)
         x = torch.cat([cls, x], dim=1) + self._pos_embed(h, w).to(x.dtype)
         x = v.ln_pre(x)
-        attns = []
+        attns, block_tokens = [], []
         first_attn = len(self.blocks) - attn_layers
         ln1 = None
         for i, blk in enumerate(self.blocks):
@@ -173,6 +177,8 @@ class DenseCLIP(nn.Module):
             x, weights = self._block(blk, x, y, need_attn=i >= first_attn)
             if i >= first_attn:
                 attns.append(weights[:, 1:, 1:])
+            if tokens:
+                block_tokens.append(x[:, 1:])
         x = v.ln_post(x)
         patch = x[:, 1:] @ v.proj if v.proj is not None else x[:, 1:]
         return {
@@ -180,5 +186,6 @@ class DenseCLIP(nn.Module):
             "image_feat": patch.mean(1),
             "ln1": ln1,
             "attn": torch.stack(attns) if attns else None,
+            "tokens": torch.stack(block_tokens) if tokens else None,
             "grid": (h, w),
         }

@@ -8,9 +8,10 @@ from wsss_ray.config import ConfigError
 from wsss_ray.tasks.base import Task
 
 
-def build_task(cfg: Any) -> Task:
+def build_task(cfg: Any, **task_args: Any) -> Task:
     """The task named by ``cfg.task``, built from its config (inside a worker: after the process
-    group exists, so distributed losses see the right rank)."""
+    group exists, so distributed losses see the right rank); ``task_args`` are what the driver
+    learned from the data (e.g. ``num_classes``)."""
     if cfg.task == "clip":
         from wsss_ray.tasks.clip import ClipTask
 
@@ -19,6 +20,10 @@ def build_task(cfg: Any) -> Task:
         from wsss_ray.tasks.pgseg import PGSegTask
 
         return PGSegTask(cfg)
+    if cfg.task == "vpl_seg":
+        from wsss_ray.tasks.vpl import VPLSegTask
+
+        return VPLSegTask(cfg, **task_args)
     raise ValueError(f"unknown task '{cfg.task}'")
 
 
@@ -62,5 +67,17 @@ def check_config(cfg: Any) -> None:
             )
         if cfg.npr.text_mode not in ("tokens", "reference", "none"):
             raise ConfigError("config error: npr.text_mode: tokens | reference | none")
+    elif cfg.task == "vpl_seg":
+        from wsss_ray.models.clip import model_config
+
+        try:
+            patch = model_config(cfg.clip.name)["vision_cfg"].get("patch_size", 16)
+        except KeyError as err:
+            raise ConfigError(f"config error: clip.name: {err.args[0]}") from None
+        if cfg.data.crop_size % patch:
+            raise ConfigError(
+                f"config error: data.crop_size: {cfg.data.crop_size} is not a multiple of "
+                f"{cfg.clip.name}'s patch size {patch}"
+            )
     else:
         raise ConfigError(f"config error: task: unknown task '{cfg.task}'")

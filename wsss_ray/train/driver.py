@@ -37,6 +37,8 @@ def init_ray(cfg: TrainJobConfig) -> None:
 
 
 def train_shards(cfg: TrainJobConfig) -> list[str]:
+    if cfg.task == "vpl_seg":
+        return []  # a segmentation split with pseudo-labels, not WebDataset shards
     if cfg.data.train_shards:
         return list(cfg.data.train_shards)
     from wsss_ray.data.synthetic import ensure_synthetic_shards
@@ -53,7 +55,24 @@ def train_shards(cfg: TrainJobConfig) -> list[str]:
     )
 
 
-def build_datasets(cfg: TrainJobConfig, shards: list[str]) -> dict:
+def build_datasets(cfg: TrainJobConfig, shards: list[str], source: Any = None) -> dict:
+    if cfg.task == "vpl_seg":
+        from wsss_ray.config import pseudo_label_dir
+        from wsss_ray.data.seg_train import pseudo_label_dataset
+
+        d = cfg.data
+        train = pseudo_label_dataset(
+            source,
+            pseudo_label_dir(cfg),
+            d.crop_size,
+            tuple(d.scale_range),
+            d.hflip,
+            list(d.mean),
+            d.decode_batch_size,
+            tuple(d.decode_actors),
+            d.cpus_per_decode_actor,
+        )
+        return {"train": train}
     if cfg.task in ("clip", "pgseg"):
         from wsss_ray.data.webdataset import image_text_dataset
         from wsss_ray.tasks import tokenizer_spec
@@ -89,6 +108,27 @@ def run(cfg: TrainJobConfig) -> RunSummary:
     out.mkdir(parents=True, exist_ok=True)
     storage = cfg.run.storage_path or str(out / "ray_results")
     shards = train_shards(cfg)
+    source, task_args = None, {}
+    if cfg.task == "vpl_seg":
+        from wsss_ray.config import pseudo_label_dir
+        from wsss_ray.data.seg_train import missing_pseudo_labels
+        from wsss_ray.eval.datasets import resolve_source
+
+        source = resolve_source(cfg.data.seg, out)
+        task_args = {"num_classes": len(source.class_names)}
+        labels = pseudo_label_dir(cfg)
+        missing = missing_pseudo_labels(source, labels)
+        if missing:  # before Ray starts: a clear error, not a failed actor later
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(source.records)} {source.name} {source.split} images "
+                f"have no pseudo-label in {labels} (e.g. {missing[0]}.png); run "
+                "jobs/vpl_pseudo_labels.py on this split first"
+            )
+        print(
+            f"[wsss_ray] {len(source.records)} {source.name} {source.split} images with "
+            f"pseudo-labels from {labels}",
+            flush=True,
+        )
     config_file = save_resolved(cfg, out / cfg.run.name)
     uri = tracking_uri(cfg.tracking.uri, str(out))
 
@@ -116,6 +156,7 @@ def run(cfg: TrainJobConfig) -> RunSummary:
             "run_id": tracker.run_id,
             "storage": os.path.join(storage, cfg.run.name),
             "val": load_validation_set(cfg, out),
+            "task_args": task_args,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
@@ -128,7 +169,7 @@ def run(cfg: TrainJobConfig) -> RunSummary:
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
         ),
-        datasets=build_datasets(cfg, shards),
+        datasets=build_datasets(cfg, shards, source),
     )
     try:
         result = trainer.fit()

@@ -33,7 +33,7 @@ from wsss_ray.eval.checkpoint import CKPT_TAG
 from wsss_ray.tasks import build_task
 from wsss_ray.tracking import Tracker
 from wsss_ray.train.deepspeed_config import deepspeed_config, total_steps, use_bf16
-from wsss_ray.train.schedule import warmup_cosine
+from wsss_ray.train.schedule import schedule_factor
 
 
 def say(msg: str) -> None:
@@ -106,7 +106,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train.seed)  # identical init on every rank
-    task = build_task(cfg)
+    task = build_task(cfg, **loop_config.get("task_args", {}))
     if cfg.scaling.use_gpu and world > 1:  # batch statistics over the global batch (NCCL only)
         task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(task)
     torch.manual_seed(cfg.train.seed + 1009 * rank)  # independent noise per rank
@@ -116,9 +116,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     optimizer = torch.optim.AdamW(
         task.param_groups(o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(o.lr, o.min_lr, o.warmup_start_lr, o.warmup_steps, steps)
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(o, steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=task,
         optimizer=optimizer,

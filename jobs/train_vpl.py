@@ -1,0 +1,40 @@
+"""VPL phase 2: train the segmentation decoder on a frozen CLIP with Ray Train and DeepSpeed
+(METHODS.md 2.3), from the pseudo-labels of jobs/vpl_pseudo_labels.py and, for Regional Semantic
+Contrast, the vision prototypes of jobs/vpl_prototypes.py (both read from the phase-1 folder
+<run.output_dir>/<phase1.name>/). Only the decoder trains; the loss is the balanced
+background/foreground cross-entropy plus rsc.weight x L_RSC (rsc.weight=0 turns RSC off).
+Validation mIoU on eval.data every eval.every steps; checkpoints resume by run.name.
+
+  python jobs/train_vpl.py --config configs/vpl/train_tiny.yaml
+  python jobs/train_vpl.py --config configs/vpl/train_voc.yaml \\
+      clip.weights=/weights/ViT-B-16.pt data.seg.root=/data/VOCdevkit/VOC2012 \\
+      eval.data.root=/data/VOCdevkit/VOC2012
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from wsss_ray.config import VPLTrainConfig, parse_job_args, prototypes_path
+from wsss_ray.train.driver import print_summary, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_job_args(
+        VPLTrainConfig, __doc__, argv, default_config="configs/vpl/train_tiny.yaml"
+    )
+    # workers may run in another directory: hand them absolute paths
+    cfg.clip.weights = str(Path(cfg.clip.weights).resolve())
+    if cfg.rsc.weight > 0:
+        cfg.phase1.prototypes = str(prototypes_path(cfg).resolve())
+    summary = run(cfg)
+    print_summary(summary)
+    m = summary.metrics
+    if "val/miou" in m:
+        print(f"[wsss_ray] validation mIoU {100 * m['val/miou']:.1f}", flush=True)
+    return 1 if m.get("stopped_nonfinite") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Evaluation of a VPL phase-2 decoder (``jobs/eval_vpl.py``) as Ray Data batch inference.
+
+An actor pool (a GPU per actor when the cluster has them) holds the frozen CLIP and the trained
+decoder; each image is predicted at the test scales (default 1 and 0.75) with and without a
+horizontal flip, the softmax probabilities averaged, optionally refined by a dense CRF, and its
+confusion matrix summed. The driver writes the per-class table, ``results.json`` and overlays
+under ``<output_dir>/<run.name>/`` and logs them to MLflow.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wsss_ray.config import VPLEvalConfig, save_resolved, to_flat_dict
+
+
+def load_decoder(checkpoint: str, dense, num_classes: int, dec) -> torch.nn.Module:
+    """The trained decoder of a ``jobs/train_vpl.py`` run folder, checkpoint folder or .pt."""
+    from wsss_ray.eval.checkpoint import load_state_dict
+    from wsss_ray.tasks.vpl import build_decoder
+
+    decoder = build_decoder(dense, num_classes, dec)
+    state = load_state_dict(checkpoint, prefix="decoder.")
+    own = decoder.state_dict()
+    bad = sorted(set(own) ^ set(state)) + [
+        k for k in own if k in state and state[k].shape != own[k].shape
+    ]
+    if bad:
+        raise ValueError(
+            f"checkpoint {checkpoint} does not fit this decoder (e.g. {bad[:3]}): are "
+            "decoder.* and clip.name the ones it was trained with, and the dataset the same?"
+        )
+    decoder.load_state_dict(state)
+    return decoder.eval()
+
+
+class SegPredictor:
+    """The Ray Data actor: one call = one batch of (id, JPEG, mask) rows -> summed confusion."""
+
+    def __init__(self, cfg: VPLEvalConfig, class_names: list[str], overlay_ids: list[str]):
+        from wsss_ray.tasks.vpl import load_dense_clip
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.dense = load_dense_clip(cfg.clip.name, cfg.clip.weights).to(self.device)
+        self.decoder = load_decoder(cfg.checkpoint, self.dense, len(class_names), cfg.decoder).to(
+            self.device
+        )
+        self.cfg = cfg
+        self.num_classes = len(class_names)
+        self.overlay_ids = set(overlay_ids)
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        from wsss_ray.config import CLIP_MEAN, CLIP_STD
+        from wsss_ray.data.webdataset import normalize_images
+        from wsss_ray.tasks.vpl import predict_probs
+
+        t = self.cfg.test
+        x = normalize_images(
+            torch.from_numpy(image.copy())[None].to(self.device), CLIP_MEAN, CLIP_STD
+        )
+        probs = predict_probs(self.dense, self.decoder, x, list(t.scales), t.flip)
+        if t.crf:
+            from wsss_ray.ops.crf import dense_crf
+
+            return dense_crf(image, probs.cpu().numpy()).argmax(0).astype(np.uint8)
+        return probs.argmax(0).cpu().numpy().astype(np.uint8)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from PIL import Image
+
+        from wsss_ray.data.segmentation import decode_mask_bytes
+        from wsss_ray.eval.miou import confusion_matrix
+        from wsss_ray.eval.pgseg import overlay_png
+
+        c = self.num_classes
+        conf = np.zeros((c, c), np.int64)
+        ov_ids, ov_png = [], []
+        for key, img_bytes, mask_bytes in zip(batch["id"], batch["image"], batch["mask"]):
+            key = str(key)
+            image = np.asarray(Image.open(io.BytesIO(img_bytes)).convert("RGB"))
+            gt = decode_mask_bytes(mask_bytes)
+            pred = self.predict(image)
+            conf += confusion_matrix(pred, gt, c)
+            if key in self.overlay_ids:
+                ov_ids.append(key)
+                ov_png.append(overlay_png(image, gt, pred))
+        n = max(1, len(ov_ids))
+        confs = np.zeros((n, c, c), np.int64)
+        confs[0] = conf
+        counts = np.zeros(n, np.int64)
+        counts[0] = len(batch["id"])
+        return {
+            "confusion": confs,
+            "images": counts,
+            "overlay_id": np.array((ov_ids + [""] * n)[:n], dtype=object),
+            "overlay": np.array((ov_png + [b""] * n)[:n], dtype=object),
+        }
+
+
+def run(cfg: VPLEvalConfig) -> dict[str, Any]:
+    """Evaluate the decoder on ``cfg.data``; returns the metrics (mIoU, per-class IoU)."""
+    import ray
+
+    from wsss_ray.data.segmentation import segmentation_dataset
+    from wsss_ray.eval.datasets import resolve_source
+    from wsss_ray.eval.miou import iou_from_confusion
+    from wsss_ray.runtime import cluster_has_gpus, start_ray
+    from wsss_ray.tracking import Tracker, local_artifact_location, tracking_uri
+
+    out = Path(cfg.run.output_dir).resolve()
+    folder = out / cfg.run.name
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg.clip.weights = str(Path(cfg.clip.weights).resolve())
+    cfg.checkpoint = str(Path(cfg.checkpoint).resolve())
+    config_file = save_resolved(cfg, folder)
+    source = resolve_source(cfg.data, out)
+    if not source.records:
+        raise ValueError(f"{cfg.data.kind} split '{cfg.data.split}' has no images")
+    n_img = len(source.records)
+    step = max(1, n_img // max(cfg.num_overlays, 1))
+    overlay_ids = [r.id for r in source.records[::step][: cfg.num_overlays]]
+    t = cfg.test
+    print(
+        f"[wsss_ray] VPL decoder on {source.name} {source.split}: {n_img} images, scales "
+        f"{list(t.scales)}{' + flip' if t.flip else ''}{' + CRF' if t.crf else ''}, "
+        f"checkpoint {cfg.checkpoint}",
+        flush=True,
+    )
+
+    inf = cfg.infer
+    start_ray(inf.actors[1] * inf.cpus_per_actor + 1, cfg.ray.num_cpus)
+    gpus = inf.gpus_per_actor if inf.gpus_per_actor >= 0 else float(cluster_has_gpus())
+    ds = segmentation_dataset(source).map_batches(
+        SegPredictor,
+        fn_constructor_args=(cfg, source.class_names, overlay_ids),
+        batch_size=inf.batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=inf.actors[0], max_size=inf.actors[1]),
+        num_cpus=inf.cpus_per_actor,
+        num_gpus=gpus,
+        batch_format="numpy",
+    )
+    c = len(source.class_names)
+    total = np.zeros((c, c), np.int64)
+    done, t0, next_print = 0, time.perf_counter(), 0.1
+    overlays: dict[str, bytes] = {}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        total += batch["confusion"].sum(0)
+        done += int(batch["images"].sum())
+        for key, png in zip(batch["overlay_id"], batch["overlay"]):
+            if key:
+                overlays[str(key)] = bytes(png)
+        if done / n_img >= next_print or done == n_img:
+            rate = done / max(time.perf_counter() - t0, 1e-9)
+            print(f"[wsss_ray] eval {done}/{n_img} images ({rate:.1f} images/s)", flush=True)
+            next_print = done / n_img + 0.1
+    elapsed = time.perf_counter() - t0
+
+    result = iou_from_confusion(total, source.class_names)
+    floor = iou_from_confusion(_all_background(total))
+    metrics = result.metrics()
+    metrics["baseline/all_background_miou"] = floor.miou
+    metrics["images"] = done
+    metrics["images_per_s"] = done / max(elapsed, 1e-9)
+    table = result.table()
+    (folder / "miou.txt").write_text(table + "\n")
+    (folder / "results.json").write_text(json.dumps(metrics, indent=2))
+    (folder / "overlays").mkdir(exist_ok=True)
+    for key, png in overlays.items():
+        (folder / "overlays" / f"{key}.png").write_bytes(png)
+    print(table)
+    print(
+        f"[wsss_ray] mIoU {100 * result.miou:.1f} (all background {100 * floor.miou:.1f}) | "
+        f"{done} images in {elapsed:.1f}s",
+        flush=True,
+    )
+    if cfg.tracking.enabled:
+        uri = tracking_uri(cfg.tracking.uri, str(out))
+        tracker = Tracker.open_run(
+            uri,
+            cfg.tracking.experiment,
+            cfg.run.name,
+            str(folder),
+            to_flat_dict(cfg),
+            str(config_file),
+            local_artifact_location(uri, str(out)),
+            resume=False,
+        )
+        tracker.log_metrics(metrics, 0)
+        tracker.log_artifact(str(folder / "miou.txt"))
+        tracker.log_artifact(str(folder / "results.json"))
+        tracker.log_artifact(str(folder / "overlays"), "overlays")
+        tracker.finish()
+        metrics["mlflow_run_id"] = tracker.run_id
+        print(f"[wsss_ray] MLflow: {uri} (run {tracker.run_id})", flush=True)
+    metrics["output"] = str(folder)
+    return metrics
+
+
+def _all_background(conf: np.ndarray) -> np.ndarray:
+    """The confusion matrix of predicting background everywhere, from a model's matrix (same
+    ground-truth pixel counts per class, all in column 0)."""
+    out = np.zeros_like(conf)
+    out[:, 0] = conf.sum(1)
+    return out

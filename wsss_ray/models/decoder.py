@@ -1,0 +1,115 @@
+"""WeCLIP-style segmentation decoder over a frozen CLIP's per-block patch tokens (METHODS.md 2.3).
+
+VPL's phase 2 trains only this light decoder: the CLIP image tower stays frozen, and its L blocks'
+patch tokens (all of them, not only the last) are the decoder's input, because the early blocks
+carry the spatial detail the last one has lost.
+
+    tokens (L x B x N x in_dim)
+      -> per-block MLP  Linear(in_dim, E) - GELU - Linear(E, E)        (one MLP per block)
+      -> concat over blocks (L*E channels) -> 1x1 conv fuse to E -> LayerNorm -> GELU
+      -> conditional positional encoding: x + depthwise 3x3 conv(x)
+      -> ``depth``-layer pre-norm nn.TransformerEncoder (batch_first) + final LayerNorm
+      -> "logits": Dropout2d -> 1x1 conv to num_classes
+      -> "embed":  1x1 conv to joint_dim (not normalised; Regional Semantic Contrast uses it)
+
+Design choices (ours, where WeCLIP's code differs or is silent):
+- Positional encoding: no learnable absolute table (it would tie the decoder to one grid size);
+  instead a conditional positional encoding (a residual depthwise 3x3 convolution over the token
+  grid, as in CPVT's PEG). Its zero padding gives the tokens their position relative to the image
+  border, and it works unchanged at any grid (h, w): training crops and sliding-window or
+  multi-scale inference use different grids.
+- Normalisation: LayerNorm (over channels, per token) after the fuse instead of WeCLIP's
+  BatchNorm: the per-GPU batch is small (4 images), there is no SyncBN under DeepSpeed data
+  parallelism, and LayerNorm has no running statistics, so train and eval normalise the same way
+  and an image's output does not depend on the rest of its batch.
+- Every parameter is at least 1-d (DeepSpeed ZeRO partitions and flattens parameters; 0-d ones
+  are a known source of trouble).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class SegDecoder(nn.Module):
+    """Segmentation head over the patch tokens of all L blocks of a frozen CLIP ViT.
+
+    Args:
+        in_dim: width of the CLIP tokens (768 for ViT-B/16).
+        num_layers: L, the number of blocks whose tokens are given.
+        num_classes: K, segmentation classes including background.
+        joint_dim: width of the CLIP joint (image-text) space, for the "embed" output.
+        embed_dim: E, the decoder's width.
+        depth: transformer encoder layers.
+        heads: attention heads (must divide embed_dim).
+        dropout: dropout in the transformer and (as Dropout2d) before the classifier.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_layers: int,
+        num_classes: int,
+        joint_dim: int,
+        embed_dim: int = 256,
+        depth: int = 3,
+        heads: int = 8,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        if embed_dim % heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by heads {heads}")
+        if num_layers < 1 or depth < 0:
+            raise ValueError(f"need num_layers >= 1 and depth >= 0, got {num_layers}, {depth}")
+        self.num_layers, self.num_classes = num_layers, num_classes
+        self.layer_mlps = nn.ModuleList(
+            nn.Sequential(nn.Linear(in_dim, embed_dim), nn.GELU(), nn.Linear(embed_dim, embed_dim))
+            for _ in range(num_layers)
+        )
+        self.fuse = nn.Conv2d(num_layers * embed_dim, embed_dim, kernel_size=1)
+        self.fuse_norm = nn.LayerNorm(embed_dim)
+        self.act = nn.GELU()
+        self.pos_conv = nn.Conv2d(embed_dim, embed_dim, 3, padding=1, groups=embed_dim)
+        layer = nn.TransformerEncoderLayer(
+            d_model=embed_dim,
+            nhead=heads,
+            dim_feedforward=4 * embed_dim,
+            dropout=dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.transformer = nn.TransformerEncoder(
+            layer, num_layers=depth, norm=nn.LayerNorm(embed_dim), enable_nested_tensor=False
+        )
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(embed_dim, num_classes, kernel_size=1)
+        self.proj = nn.Conv2d(embed_dim, joint_dim, kernel_size=1)
+
+    def forward(
+        self, tokens: torch.Tensor | Sequence[torch.Tensor], grid: tuple[int, int]
+    ) -> dict[str, torch.Tensor]:
+        """tokens: L x B x N x in_dim (or a sequence of L tensors B x N x in_dim), the patch
+        tokens of each block, N = h*w in row-major order, no class token; grid = (h, w).
+
+        Returns {"logits": B x num_classes x h x w, "embed": B x joint_dim x h x w}.
+        """
+        h, w = grid
+        if len(tokens) != self.num_layers:
+            raise ValueError(f"expected tokens of {self.num_layers} blocks, got {len(tokens)}")
+        per_layer = [mlp(t) for mlp, t in zip(self.layer_mlps, tokens)]  # L x (B x N x E)
+        b, n, _ = per_layer[0].shape
+        if n != h * w:
+            raise ValueError(f"{n} tokens do not form a {h}x{w} grid")
+        x = torch.cat(per_layer, dim=-1)  # B x N x L*E
+        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        x = self.fuse(x).flatten(2).transpose(1, 2)  # B x N x E
+        x = self.act(self.fuse_norm(x))
+        img = x.transpose(1, 2).reshape(b, -1, h, w)
+        x = x + self.pos_conv(img).flatten(2).transpose(1, 2)
+        x = self.transformer(x)  # B x N x E
+        feat = x.transpose(1, 2).reshape(b, -1, h, w)
+        return {"logits": self.classifier(self.dropout(feat)), "embed": self.proj(feat)}
