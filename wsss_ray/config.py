@@ -530,14 +530,14 @@ def validate(cfg: Any) -> None:
         need(cfg.phase1.labels.strip() != "", "phase1.labels", "vision | text | a folder")
         labels = pseudo_label_dir(cfg)
         need(
-            labels.is_dir(),
+            os.path.isdir(labels),
             "phase1.labels",
             f"no pseudo-label folder {labels} (run jobs/vpl_pseudo_labels.py first)",
         )
         if cfg.rsc.weight > 0:
             protos = prototypes_path(cfg)
             need(
-                protos.is_file(),
+                os.path.isfile(protos),
                 "phase1.prototypes",
                 f"no prototypes file {protos} (run jobs/vpl_prototypes.py, or rsc.weight=0)",
             )

@@ -119,3 +119,43 @@ class Tracker:
     def finish(self, status: str = "FINISHED") -> None:
         if self._client is not None:
             self._client.set_terminated(self.run_id, status=status)
+
+
+def log_job_run(
+    cfg: Any,
+    output_dir: str,
+    folder: str,
+    name: str,
+    config_file: str,
+    metrics: dict[str, float],
+    artifacts: list[str] | tuple[str, ...] = (),
+    folders: dict[str, str] | None = None,
+    series: list[dict[str, float]] | None = None,
+) -> str:
+    """One new MLflow run for a job that is not a training run (evaluation, prototypes,
+    pseudo-labels): the config as params and artifact, ``metrics`` at step 0, ``series[i]`` at
+    step i, ``artifacts`` (files) and ``folders`` (folder -> artifact path). Prints
+    where it went and returns the run id."""
+    uri = tracking_uri(cfg.tracking.uri, output_dir)
+    from wsss_ray.config import to_flat_dict
+
+    tracker = Tracker.open_run(
+        uri,
+        cfg.tracking.experiment,
+        name,
+        folder,
+        to_flat_dict(cfg),
+        config_file,
+        local_artifact_location(uri, output_dir),
+        resume=False,
+    )
+    for i, values in enumerate(series or []):
+        tracker.log_metrics(values, i)
+    tracker.log_metrics(metrics, 0)
+    for path in artifacts:
+        tracker.log_artifact(path)
+    for path, artifact_path in (folders or {}).items():
+        tracker.log_artifact(path, artifact_path)
+    tracker.finish()
+    print(f"[wsss_ray] MLflow: {uri} (run {tracker.run_id})", flush=True)
+    return tracker.run_id

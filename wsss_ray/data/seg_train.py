@@ -74,7 +74,11 @@ class PseudoLabelDecoder:
         scale_range: tuple[float, float],
         hflip: bool,
         mean: list[float],
+        skip_counter: str | None = None,
     ):
+        from wsss_ray.data.skips import SkipReporter
+
+        self.skips = SkipReporter(skip_counter)
         self.num_classes = num_classes
         self.crop = crop
         self.scale_range = tuple(scale_range)
@@ -104,6 +108,7 @@ class PseudoLabelDecoder:
             images.append(img)
             labels.append(lab.astype(np.int64))
             present.append(vec)
+        self.skips.add(skipped)
         n, s, k = len(images), self.crop, self.num_classes
         out = {
             "image": np.stack(images) if n else np.zeros((0, s, s, 3), np.uint8),
@@ -132,6 +137,7 @@ def pseudo_label_dataset(
     batch_size: int = 16,
     actors: tuple[int, int] = (1, 2),
     cpus_per_actor: float = 1.0,
+    skip_counter: str | None = None,
 ) -> ray.data.Dataset:
     """The phase-2 training dataset (see the module docstring). Every record must have a
     pseudo-label PNG; a clear error names how many are missing and which job writes them."""
@@ -160,6 +166,7 @@ def pseudo_label_dataset(
             "scale_range": tuple(scale_range),
             "hflip": hflip,
             "mean": list(mean) if mean is not None else [0.0, 0.0, 0.0],
+            "skip_counter": skip_counter,
         },
         batch_size=batch_size,
         batch_format="numpy",

@@ -110,9 +110,11 @@ class ImageTextDecoder:
         hflip: bool,
         seed: int | None = None,
         context_length: int | None = None,
+        skip_counter: str | None = None,
     ):
         from torchvision.transforms import v2
 
+        from wsss_ray.data.skips import SkipReporter
         from wsss_ray.models.clip import tokenizer
 
         self.tokenizer = tokenizer(tokenizer_name, context_length)
@@ -123,6 +125,7 @@ class ImageTextDecoder:
         self.transform = v2.Compose(ops)
         if seed is not None:
             torch.manual_seed(seed)
+        self.skips = SkipReporter(skip_counter)
 
     def _image(self, raw: bytes) -> np.ndarray:
         with Image.open(io.BytesIO(raw)) as im:
@@ -149,6 +152,7 @@ class ImageTextDecoder:
                 continue
             captions.append(caption)
         kept = len(images)
+        self.skips.add(n - kept)
         skipped = np.zeros(kept, np.int64)
         if kept:
             skipped[0] = n - kept
@@ -173,8 +177,10 @@ def image_text_dataset(
     actors: tuple[int, int] = (1, 2),
     cpus_per_actor: float = 1.0,
     context_length: int | None = None,
+    skip_counter: str | None = None,
 ):
-    """The training dataset: tolerant read -> decode/crop/tokenize on a CPU actor pool."""
+    """The training dataset: tolerant read -> decode/crop/tokenize on a CPU actor pool
+    (``skip_counter``: the name from :func:`wsss_ray.data.skips.start_skip_counter`)."""
     from ray.data import ActorPoolStrategy
 
     ds = read_shards(paths)
@@ -186,6 +192,7 @@ def image_text_dataset(
             "crop_scale": tuple(crop_scale),
             "hflip": hflip,
             "context_length": context_length,
+            "skip_counter": skip_counter,
         },
         batch_size=batch_size,
         batch_format="numpy",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsss_ray.config import PGSegEvalConfig, ZeroShotConfig, save_resolved, to_flat_dict
+from wsss_ray.config import PGSegEvalConfig, ZeroShotConfig, save_resolved
+from wsss_ray.eval.collect import collect, log_eval_outputs, pack_rows, write_overlays
 
 KINDS = ("model", "all_background", "random_groups")
 
@@ -132,17 +132,7 @@ class ZeroShotPredictor:
             if key in self.overlay_ids:
                 ov_ids.append(key)
                 ov_png.append(overlay_png(image, gt, pred))
-        n = max(1, len(ov_ids))  # one row carries the sums, extra rows carry extra overlays
-        confs = np.zeros((n, *conf.shape), np.int64)
-        confs[0] = conf
-        counts = np.zeros(n, np.int64)
-        counts[0] = len(batch["id"])
-        return {
-            "confusion": confs,
-            "images": counts,
-            "overlay_id": np.array((ov_ids + [""] * n)[:n], dtype=object),
-            "overlay": np.array((ov_png + [b""] * n)[:n], dtype=object),
-        }
+        return pack_rows(conf, len(batch["id"]), ov_ids, ov_png)
 
 
 def run(cfg: PGSegEvalConfig) -> dict[str, Any]:
@@ -152,7 +142,6 @@ def run(cfg: PGSegEvalConfig) -> dict[str, Any]:
     from wsss_ray.eval.datasets import resolve_source
     from wsss_ray.eval.miou import iou_from_confusion
     from wsss_ray.runtime import cluster_has_gpus, start_ray
-    from wsss_ray.tracking import Tracker, local_artifact_location, tracking_uri
 
     out = Path(cfg.run.output_dir).resolve()
     folder = out / cfg.run.name
@@ -195,20 +184,7 @@ def run(cfg: PGSegEvalConfig) -> dict[str, Any]:
         batch_format="numpy",
     )
     c = len(source.class_names)
-    total = np.zeros((len(KINDS), c, c), np.int64)
-    done, t0, next_print = 0, time.perf_counter(), 0.1
-    overlays: dict[str, bytes] = {}
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        total += batch["confusion"].sum(0)
-        done += int(batch["images"].sum())
-        for key, png in zip(batch["overlay_id"], batch["overlay"]):
-            if key:
-                overlays[str(key)] = bytes(png)
-        if done / n_img >= next_print or done == n_img:
-            rate = done / max(time.perf_counter() - t0, 1e-9)
-            print(f"[wsss_ray] eval {done}/{n_img} images ({rate:.1f} images/s)", flush=True)
-            next_print = done / n_img + 0.1
-    elapsed = time.perf_counter() - t0
+    total, done, overlays, elapsed = collect(ds, n_img, (len(KINDS), c, c))
 
     results = {k: iou_from_confusion(total[i], source.class_names) for i, k in enumerate(KINDS)}
     model = results["model"]
@@ -220,9 +196,7 @@ def run(cfg: PGSegEvalConfig) -> dict[str, Any]:
     table = model.table()
     (folder / "miou.txt").write_text(table + "\n")
     (folder / "results.json").write_text(json.dumps(metrics, indent=2))
-    (folder / "overlays").mkdir(exist_ok=True)
-    for key, png in overlays.items():
-        (folder / "overlays" / f"{key}.png").write_bytes(png)
+    write_overlays(folder, overlays)
     print(table)
     print(
         f"[wsss_ray] mIoU {100 * model.miou:.1f} | baselines: all background "
@@ -232,23 +206,6 @@ def run(cfg: PGSegEvalConfig) -> dict[str, Any]:
     )
 
     if cfg.tracking.enabled:
-        uri = tracking_uri(cfg.tracking.uri, str(out))
-        tracker = Tracker.open_run(
-            uri,
-            cfg.tracking.experiment,
-            cfg.run.name,
-            str(folder),
-            to_flat_dict(cfg),
-            str(config_file),
-            local_artifact_location(uri, str(out)),
-            resume=False,
-        )
-        tracker.log_metrics(metrics, 0)
-        tracker.log_artifact(str(folder / "miou.txt"))
-        tracker.log_artifact(str(folder / "results.json"))
-        tracker.log_artifact(str(folder / "overlays"), "overlays")
-        tracker.finish()
-        metrics["mlflow_run_id"] = tracker.run_id
-        print(f"[wsss_ray] MLflow: {uri} (run {tracker.run_id})", flush=True)
+        metrics["mlflow_run_id"] = log_eval_outputs(cfg, out, folder, config_file, metrics)
     metrics["output"] = str(folder)
     return metrics

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from wsss_ray.config import VPLConfig, save_resolved, to_flat_dict
+from wsss_ray.tracking import log_job_run
 
 #: confusion-matrix kinds the pseudo-label job reports
 PL_KINDS = ("cam", "seed", "pseudo")
@@ -237,23 +238,6 @@ def _actor_kwargs(cfg: VPLConfig) -> dict[str, Any]:
     }
 
 
-def _open_tracker(cfg: VPLConfig, out: Path, folder: Path, name: str, config_file: Path):
-    from wsss_ray.tracking import Tracker, local_artifact_location, tracking_uri
-
-    uri = tracking_uri(cfg.tracking.uri, str(out))
-    tracker = Tracker.open_run(
-        uri,
-        cfg.tracking.experiment,
-        name,
-        str(folder),
-        to_flat_dict(cfg),
-        str(config_file),
-        local_artifact_location(uri, str(out)),
-        resume=False,
-    )
-    return uri, tracker
-
-
 def _progress(label: str, done: int, total: int, t0: float) -> None:
     rate = done / max(time.perf_counter() - t0, 1e-9)
     print(f"[wsss_ray] {label} {done}/{total} images ({rate:.1f} images/s)", flush=True)
@@ -447,15 +431,19 @@ def run_prototypes(cfg: VPLConfig) -> dict[str, Any]:
         flush=True,
     )
     if cfg.tracking.enabled:
-        uri, tracker = _open_tracker(cfg, out, folder, f"{cfg.run.name}_prototypes", config_file)
-        for i, (obj, gn) in enumerate(zip(objective, grad_norm)):
-            tracker.log_metrics({"proto/objective_iter": obj, "proto/grad_norm_iter": gn}, i)
-        tracker.log_metrics(metrics, 0)
-        tracker.log_artifact(str(folder / "prototypes.pt"))
-        tracker.log_artifact(str(folder / "prototypes.json"))
-        tracker.finish()
-        metrics["mlflow_run_id"] = tracker.run_id
-        print(f"[wsss_ray] MLflow: {uri} (run {tracker.run_id})", flush=True)
+        metrics["mlflow_run_id"] = log_job_run(
+            cfg,
+            str(out),
+            str(folder),
+            f"{cfg.run.name}_prototypes",
+            str(config_file),
+            metrics,
+            [str(folder / "prototypes.pt"), str(folder / "prototypes.json")],
+            series=[
+                {"proto/objective_iter": o, "proto/grad_norm_iter": g}
+                for o, g in zip(objective, grad_norm)
+            ],
+        )
     metrics["output"] = str(folder)
     return metrics
 
@@ -471,22 +459,30 @@ class PseudoLabeler:
     """Ray Data actor: seeds -> refinement -> (CRF) -> label PNG bytes and confusion matrices
     (raw CAM, refined seed, final pseudo-label) for a batch of images."""
 
-    def __init__(self, cfg: VPLConfig, class_names: list[str], bg_default: float, overlays):
+    def __init__(
+        self,
+        cfg: VPLConfig,
+        class_names: list[str],
+        bg_default: float,
+        overlays,
+        vision: tuple[torch.Tensor, float] | None = None,
+    ):
+        """``vision`` = (W, tau_I), read by the driver (the prototype file only has to exist
+        where the driver runs); None = text prototypes."""
         from wsss_ray.ops.crf import crf_available
 
         self.model = VPLModel(
             cfg.clip.name, cfg.clip.weights, class_names,
             list(cfg.prompts.templates), list(cfg.prompts.background), _device(),
         )  # fmt: skip
-        if cfg.cam.prototypes == "vision":
-            saved = torch.load(prototype_file(cfg), map_location="cpu", weights_only=False)
-            if saved["W"].shape != self.model.text.shape:
+        if vision is not None:
+            W, tau = vision
+            if W.shape != self.model.text.shape:
                 raise ValueError(
-                    f"prototypes {tuple(saved['W'].shape)} do not fit this dataset's "
+                    f"prototypes {tuple(W.shape)} do not fit this dataset's "
                     f"{tuple(self.model.text.shape)} prompts"
                 )
-            self.protos = saved["W"]
-            self.tau = float(saved.get("tau_i", cfg.prototypes.tau_i))
+            self.protos, self.tau = W.to(self.model.device), float(tau)
         else:
             self.protos, self.tau = self.model.text, None
         self.cam = cfg.cam
@@ -551,6 +547,10 @@ def run_pseudo_labels(cfg: VPLConfig) -> dict[str, Any]:
             f"no vision prototypes at {prototype_file(cfg)}: run jobs/vpl_prototypes.py with "
             "the same config first, or set cam.prototype_file"
         )
+    vision = None
+    if mode == "vision":  # read here and shipped to the actors: workers need no shared folder
+        saved = torch.load(prototype_file(cfg), map_location="cpu", weights_only=False)
+        vision = (saved["W"].float(), float(saved.get("tau_i", cfg.prototypes.tau_i)))
     box_default = 0.7 if source.name == "coco" else 0.4
     label_dir = folder / f"pseudo_labels_{mode}"
     label_dir.mkdir(exist_ok=True)
@@ -566,7 +566,13 @@ def run_pseudo_labels(cfg: VPLConfig) -> dict[str, Any]:
     start_ray(inf.actors[1] * inf.cpus_per_actor + 1, cfg.ray.num_cpus)
     ds = segmentation_dataset(source).map_batches(
         PseudoLabeler,
-        fn_constructor_args=(_clip_weights(cfg), source.class_names, box_default, overlay_ids),
+        fn_constructor_args=(
+            _clip_weights(cfg),
+            source.class_names,
+            box_default,
+            overlay_ids,
+            vision,
+        ),
         **_actor_kwargs(cfg),
     )
     c = len(source.class_names)
@@ -603,14 +609,16 @@ def run_pseudo_labels(cfg: VPLConfig) -> dict[str, Any]:
         flush=True,
     )
     if cfg.tracking.enabled:
-        uri, tracker = _open_tracker(cfg, out, folder, f"{cfg.run.name}_pseudo_{mode}", config_file)
-        tracker.log_metrics(metrics, 0)
-        tracker.log_artifact(str(folder / f"seed_miou_{mode}.txt"))
-        tracker.log_artifact(str(folder / f"results_{mode}.json"))
-        tracker.log_artifact(str(folder / f"overlays_{mode}"), f"overlays_{mode}")
-        tracker.finish()
-        metrics["mlflow_run_id"] = tracker.run_id
-        print(f"[wsss_ray] MLflow: {uri} (run {tracker.run_id})", flush=True)
+        metrics["mlflow_run_id"] = log_job_run(
+            cfg,
+            str(out),
+            str(folder),
+            f"{cfg.run.name}_pseudo_{mode}",
+            str(config_file),
+            metrics,
+            [str(folder / f"seed_miou_{mode}.txt"), str(folder / f"results_{mode}.json")],
+            {str(folder / f"overlays_{mode}"): f"overlays_{mode}"},
+        )
     metrics["output"] = str(folder)
     metrics["labels_dir"] = str(label_dir)
     return metrics

@@ -4,6 +4,8 @@
 starts or joins Ray (embedded local cluster by default; ``RAY_ADDRESS`` / ``ray job submit``
 joins a cluster unchanged), opens the MLflow run and fits a ``TorchTrainer``. The same
 ``storage_path`` + ``run.name`` resumes from the last checkpoint, in Ray and in MLflow.
+``prepare`` + ``build_trainer`` are its two halves, reused by the Tune sweeps (``wsss_ray.tune``),
+whose per-trial driver adds its own MLflow child run and ``TuneReportCallback``.
 """
 
 from __future__ import annotations
@@ -55,7 +57,9 @@ def train_shards(cfg: TrainJobConfig) -> list[str]:
     )
 
 
-def build_datasets(cfg: TrainJobConfig, shards: list[str], source: Any = None) -> dict:
+def build_datasets(
+    cfg: TrainJobConfig, shards: list[str], source: Any = None, skip_counter: str | None = None
+) -> dict:
     if cfg.task == "vpl_seg":
         from wsss_ray.config import pseudo_label_dir
         from wsss_ray.data.seg_train import pseudo_label_dataset
@@ -71,6 +75,7 @@ def build_datasets(cfg: TrainJobConfig, shards: list[str], source: Any = None) -
             d.decode_batch_size,
             tuple(d.decode_actors),
             d.cpus_per_decode_actor,
+            skip_counter,
         )
         return {"train": train}
     if cfg.task in ("clip", "pgseg"):
@@ -89,19 +94,29 @@ def build_datasets(cfg: TrainJobConfig, shards: list[str], source: Any = None) -
             tuple(d.decode_actors),
             d.cpus_per_decode_actor,
             context_length,
+            skip_counter,
         )
         return {"train": train}
     raise ValueError(f"no dataset builder for task '{cfg.task}'")
 
 
-def run(cfg: TrainJobConfig) -> RunSummary:
-    """Fit the task named by ``cfg.task``; resumes when the run name exists in storage."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
+@dataclass
+class TrainSetup:
+    """What ``prepare`` resolved before Ray starts: folders, data, tracking store."""
 
-    from wsss_ray.eval.periodic import load_validation_set
+    out: Path
+    storage: str
+    shards: list[str]
+    source: Any
+    task_args: dict
+    config_file: Path
+    uri: str
+
+
+def prepare(cfg: TrainJobConfig) -> TrainSetup:
+    """Checks, data (synthetic shards / pseudo-label checks) and the resolved config on disk;
+    no Ray yet."""
     from wsss_ray.tasks import check_config
-    from wsss_ray.train.loop import train_loop_per_worker
 
     check_config(cfg)
     out = Path(cfg.run.output_dir).resolve()
@@ -131,46 +146,69 @@ def run(cfg: TrainJobConfig) -> RunSummary:
         )
     config_file = save_resolved(cfg, out / cfg.run.name)
     uri = tracking_uri(cfg.tracking.uri, str(out))
+    return TrainSetup(out, storage, shards, source, task_args, config_file, uri)
 
-    init_ray(cfg)
-    tracker = Tracker(uri, None)
-    if cfg.tracking.enabled:
-        tracker = Tracker.open_run(
-            uri,
-            cfg.tracking.experiment,
-            cfg.run.name,
-            storage,
-            to_flat_dict(cfg),
-            str(config_file),
-            local_artifact_location(uri, str(out)),
-        )
+
+def build_trainer(
+    cfg: TrainJobConfig, setup: TrainSetup, run_id: str | None, callbacks: list | None = None
+) -> Any:
+    """The ``TorchTrainer`` of ``cfg`` (Ray must be up); ``run_id`` is the MLflow run rank 0
+    logs to; ``callbacks`` go to Train's ``RunConfig`` (e.g. Tune's ``TuneReportCallback``)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from wsss_ray.data.skips import start_skip_counter
+    from wsss_ray.eval.periodic import load_validation_set
+    from wsss_ray.train.loop import train_loop_per_worker
+
+    skip_counter = start_skip_counter()
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
     if s.use_gpu:
         resources["GPU"] = 1
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "cfg": cfg,
-            "tracking_uri": uri,
-            "run_id": tracker.run_id,
-            "storage": os.path.join(storage, cfg.run.name),
-            "val": load_validation_set(cfg, out),
-            "task_args": task_args,
+            "tracking_uri": setup.uri,
+            "run_id": run_id,
+            "storage": os.path.join(setup.storage, cfg.run.name),
+            "val": load_validation_set(cfg, setup.out),
+            "task_args": setup.task_args,
+            "skip_counter": skip_counter,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
-            storage_path=storage,
+            storage_path=setup.storage,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.run.num_checkpoints_to_keep
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            callbacks=list(callbacks or []),
         ),
-        datasets=build_datasets(cfg, shards, source),
+        datasets=build_datasets(cfg, setup.shards, setup.source, skip_counter),
     )
+
+
+def run(cfg: TrainJobConfig) -> RunSummary:
+    """Fit the task named by ``cfg.task``; resumes when the run name exists in storage."""
+    setup = prepare(cfg)
+    init_ray(cfg)
+    tracker = Tracker(setup.uri, None)
+    if cfg.tracking.enabled:
+        tracker = Tracker.open_run(
+            setup.uri,
+            cfg.tracking.experiment,
+            cfg.run.name,
+            setup.storage,
+            to_flat_dict(cfg),
+            str(setup.config_file),
+            local_artifact_location(setup.uri, str(setup.out)),
+        )
+    trainer = build_trainer(cfg, setup, tracker.run_id)
     try:
         result = trainer.fit()
     except BaseException:
@@ -181,7 +219,7 @@ def run(cfg: TrainJobConfig) -> RunSummary:
         tracker.set_tag("checkpoint/final", ckpt)
     metrics = dict(result.metrics or {})
     tracker.finish("FAILED" if metrics.get("stopped_nonfinite") else "FINISHED")
-    return RunSummary(metrics, ckpt, uri, tracker.run_id, str(out))
+    return RunSummary(metrics, ckpt, setup.uri, tracker.run_id, str(setup.out))
 
 
 def print_summary(summary: RunSummary) -> None:

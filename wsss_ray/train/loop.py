@@ -162,6 +162,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             say(f"[wsss_ray] step {step} validation mIoU {100 * result.miou:.1f}")
         return out
 
+    counter = loop_config.get("skip_counter")
+    skipped_base, skipped_offset = state["skipped"], 0
+    if counter and is_main:
+        from wsss_ray.data.skips import read_skips
+
+        skipped_offset = read_skips(counter)  # skips of an earlier worker group of this driver
     shard = ray.train.get_dataset_shard("train")
     B = cfg.train.batch_size_per_worker
     window = _Window()
@@ -172,8 +178,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         nonlocal window, last_ckpt
         keys = sorted(window.sums)
         sums = _all_reduce([window.sums[k] for k in keys] + [state["skipped_local"]])
-        state["skipped"] += int(sums[-1])
         state["skipped_local"] = 0
+        if counter and is_main:  # exact: every decoder's skips, whatever rows were dropped
+            state["skipped"] = skipped_base + read_skips(counter) - skipped_offset
+        elif not counter:
+            state["skipped"] += int(sums[-1])
         elapsed = time.perf_counter() - window.start
         n = max(window.steps, 1) * world
         metrics = {k: v / n for k, v in zip(keys, sums)}

@@ -1,0 +1,82 @@
+"""What every evaluation job built on Ray Data batch inference shares: the rows its actors
+return (summed confusion matrices plus a few overlays), the driver's streaming loop that sums
+them with progress lines, and the MLflow run for the outputs it writes.
+
+Actors return one row per batch carrying the batch's summed confusion matrices and image count,
+plus one extra row per additional overlay (Ray Data rows must have equal shapes, and overlays
+are few), so the driver never holds per-image predictions.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def pack_rows(
+    conf: np.ndarray, images: int, overlay_ids: list[str], overlay_pngs: list[bytes]
+) -> dict[str, np.ndarray]:
+    """An actor's output for one batch: ``conf`` (any shape) and the image count in the first
+    row, one overlay per row (at least one row)."""
+    n = max(1, len(overlay_ids))
+    confs = np.zeros((n, *conf.shape), np.int64)
+    confs[0] = conf
+    counts = np.zeros(n, np.int64)
+    counts[0] = images
+    return {
+        "confusion": confs,
+        "images": counts,
+        "overlay_id": np.array((overlay_ids + [""] * n)[:n], dtype=object),
+        "overlay": np.array((overlay_pngs + [b""] * n)[:n], dtype=object),
+    }
+
+
+def collect(ds: Any, num_images: int, shape: tuple[int, ...], label: str = "eval"):
+    """Stream ``ds`` (rows of :func:`pack_rows`), summing the matrices, printing progress every
+    10%. Returns (summed confusion, images done, {id: overlay PNG}, seconds)."""
+    total = np.zeros(shape, np.int64)
+    done, t0, next_print = 0, time.perf_counter(), 0.1
+    overlays: dict[str, bytes] = {}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        total += batch["confusion"].sum(0)
+        done += int(batch["images"].sum())
+        for key, png in zip(batch["overlay_id"], batch["overlay"]):
+            if key:
+                overlays[str(key)] = bytes(png)
+        if done / max(num_images, 1) >= next_print or done == num_images:
+            rate = done / max(time.perf_counter() - t0, 1e-9)
+            print(
+                f"[wsss_ray] {label} {done}/{num_images} images ({rate:.1f} images/s)", flush=True
+            )
+            next_print = done / max(num_images, 1) + 0.1
+    return total, done, overlays, time.perf_counter() - t0
+
+
+def write_overlays(folder: Path, overlays: dict[str, bytes], name: str = "overlays") -> Path:
+    path = Path(folder) / name
+    path.mkdir(parents=True, exist_ok=True)
+    for key, png in overlays.items():
+        (path / f"{key}.png").write_bytes(png)
+    return path
+
+
+def log_eval_outputs(
+    cfg: Any, out: Path, folder: Path, config_file: Path, metrics: dict[str, float]
+) -> str:
+    """The MLflow run of an evaluation job: metrics, ``miou.txt``, ``results.json`` and the
+    ``overlays/`` folder it wrote. Returns the run id."""
+    from wsss_ray.tracking import log_job_run
+
+    return log_job_run(
+        cfg,
+        str(out),
+        str(folder),
+        cfg.run.name,
+        str(config_file),
+        metrics,
+        [str(folder / "miou.txt"), str(folder / "results.json")],
+        {str(folder / "overlays"): "overlays"},
+    )
