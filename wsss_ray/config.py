@@ -225,6 +225,9 @@ class PGSegModelConfig:
     size: str = _f("tiny", "named size: vit_s (the paper's ViT-S) | tiny (CPU)")
     pretrained: str = _f("", "GroupViT/PGSeg checkpoint to start from ('' = random init)")
     gumbel_tau: float = _f(1.0, "Gumbel temperature of the hard assignment (training only)")
+    gumbel_noise: bool = _f(
+        True, "Gumbel noise on the training assignment (GroupViT); false = argmax of the logits"
+    )
     init_logit_scale: float = _f(1 / 0.07, "initial image-text logit scale")
     max_logit_scale: float = _f(100.0, "clamp on the logit scales")
 

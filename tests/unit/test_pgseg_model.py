@@ -56,6 +56,18 @@ def test_gumbel_noise_only_in_training():
     assert any(not torch.equal(picks[0], p) for p in picks[1:])  # noise changes assignments
 
 
+def test_without_gumbel_noise_training_commits_to_the_logits_argmax():
+    torch.manual_seed(0)
+    a = AssignAttention(16, gumbel_tau=0.5, gumbel=False)
+    g, x = torch.randn(2, 4, 16), torch.randn(2, 30, 16)
+    a.train()
+    (o1, d1), (o2, _) = a(g, x), a(g, x)
+    assert torch.equal(o1, o2)  # deterministic in training too
+    assert torch.equal(d1["hard"].argmax(1), d1["soft"].argmax(1))
+    o1.sum().backward()  # straight-through to softmax(logits / tau)
+    assert a.q_proj.weight.grad.abs().sum() > 0 and a.k_proj.weight.grad.abs().sum() > 0
+
+
 def test_straight_through_gradient_reaches_assignment_queries():
     a = AssignAttention(8)
     a.train()

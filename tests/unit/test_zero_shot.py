@@ -4,6 +4,7 @@ affinity, pixel scores, background thresholding, sliding windows, and full-image
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -87,3 +88,23 @@ def test_segmenter_shapes_and_threshold_extremes():
         assert labels.shape == (128, 100) and groups.shape == (128, 100)
         assert labels.max() < len(CLASS_NAMES) and check(labels)
     assert model.training  # predict restores the mode it found
+
+
+def test_eval_loads_a_checkpoint_trained_without_npr(tmp_path):
+    """npr.enabled=false pretraining has no reconstruction MLPs; evaluation must still load it
+    (and keep refusing checkpoints that miss weights it does use)."""
+    from wsss_ray.eval.pgseg import build_model
+    from wsss_ray.models.pgseg import PGSeg
+
+    torch.manual_seed(0)
+    src = PGSeg("tiny")
+    state = {k: v for k, v in src.state_dict().items() if ".recon." not in k}
+    assert len(state) < len(src.state_dict())
+    torch.save(state, tmp_path / "no_npr.pt")
+    model = build_model("tiny", str(tmp_path / "no_npr.pt"))
+    key = next(k for k in state if k.endswith("weight"))
+    torch.testing.assert_close(model.state_dict()[key], state[key])
+    del state[key]
+    torch.save(state, tmp_path / "broken.pt")
+    with pytest.raises(ValueError, match="1 missing"):
+        build_model("tiny", str(tmp_path / "broken.pt"))

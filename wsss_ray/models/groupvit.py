@@ -104,20 +104,28 @@ class CrossAttnBlock(nn.Module):
 class AssignAttention(nn.Module):
     """One-head attention whose softmax runs over the *group* axis: each image token picks a
     group. Training adds Gumbel noise (tau) and takes the hard argmax with a straight-through
-    gradient; the assignment is normalised by (tokens per group + 1)."""
+    gradient; the assignment is normalised by (tokens per group + 1). ``gumbel=False`` drops the
+    noise (the hard argmax of the logits, straight-through to softmax(logits / tau)): a small
+    model whose assignment logits start near uniform otherwise gets random groups at every step
+    and never learns to commit (measured on the tiny model: see README "Zero-shot")."""
 
-    def __init__(self, dim: int, gumbel_tau: float = 1.0, assign_eps: float = 1.0):
+    def __init__(
+        self, dim: int, gumbel_tau: float = 1.0, assign_eps: float = 1.0, gumbel: bool = True
+    ):
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim) for _ in range(3))
         self.proj = nn.Linear(dim, dim)
         self.scale, self.tau, self.eps = dim**-0.5, gumbel_tau, assign_eps
+        self.gumbel = gumbel
 
     def forward(self, groups_BKC, x_BNC):
         raw = self.q_proj(groups_BKC) @ self.k_proj(x_BNC).transpose(1, 2) * self.scale  # B x K x N
         soft = raw.softmax(dim=1)
-        if self.training:
+        if self.training and self.gumbel:
             gumbel = -torch.empty_like(raw).exponential_().log()
             y = ((raw + gumbel) / self.tau).softmax(dim=1)
+        elif self.training:
+            y = (raw / self.tau).softmax(dim=1)
         else:
             y = soft
         index = y.argmax(dim=1, keepdim=True)
@@ -130,13 +138,21 @@ class AssignAttention(nn.Module):
 class GroupingBlock(nn.Module):
     """K group tokens -> ``num_out`` segment tokens by assigning image tokens to them."""
 
-    def __init__(self, dim: int, heads: int, num_group: int, num_out: int, gumbel_tau: float):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        num_group: int,
+        num_out: int,
+        gumbel_tau: float,
+        gumbel: bool = True,
+    ):
         super().__init__()
         self.norm_tokens, self.norm_x = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.mlp_inter = MixerMlp(num_group, dim // 2, num_out)
         self.norm_post_tokens = nn.LayerNorm(dim)
         self.pre_assign_attn = CrossAttnBlock(dim, heads)
-        self.assign = AssignAttention(dim, gumbel_tau)
+        self.assign = AssignAttention(dim, gumbel_tau, gumbel=gumbel)
         self.norm_new_x = nn.LayerNorm(dim)
         self.mlp_channels = Mlp(dim, 4 * dim)
 
@@ -164,6 +180,7 @@ class GroupingLayer(nn.Module):
         prev_num_group: int,
         npr: dict,
         gumbel_tau: float,
+        gumbel: bool = True,
     ):
         super().__init__()
         self.blocks = nn.ModuleList(AttnBlock(dim, heads, drop_path=d) for d in drop_path)
@@ -178,7 +195,7 @@ class GroupingLayer(nn.Module):
             else:
                 self.group_projector = None
                 trunc_normal_(self.group_token, std=0.02)
-            self.downsample = GroupingBlock(dim, heads, num_group, num_out, gumbel_tau)
+            self.downsample = GroupingBlock(dim, heads, num_group, num_out, gumbel_tau, gumbel)
             self.em = EMPrototypes(num_group, dim, npr["iters"], npr["momentum"], npr["ema"])
             self.recon = Mlp(dim, npr["hidden"], dim) if npr["enabled"] else None
 
@@ -219,6 +236,7 @@ class GroupViT(nn.Module):
         drop_path: float,
         npr: dict,
         gumbel_tau: float = 1.0,
+        gumbel: bool = True,
     ):
         super().__init__()
         self.patch_embed = nn.Module()  # GroupViT's names: patch_embed.proj, patch_embed.norm
@@ -243,6 +261,7 @@ class GroupViT(nn.Module):
                     prev,
                     npr,
                     gumbel_tau,
+                    gumbel,
                 )
             )
             start, prev = start + depth, group_tokens[i]

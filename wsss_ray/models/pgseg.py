@@ -74,6 +74,7 @@ class PGSeg(nn.Module):
         text_mode: str = "tokens",
         gumbel_tau: float = 1.0,
         init_logit_scale: float = 1 / 0.07,
+        gumbel_noise: bool = True,
     ):
         super().__init__()
         if size not in SIZES:
@@ -97,6 +98,7 @@ class PGSeg(nn.Module):
             s.drop_path,
             npr,
             gumbel_tau,
+            gumbel_noise,
         )
         self.text_encoder = TextTransformer(
             context_length=s.context_length,

@@ -34,6 +34,7 @@ class PGSegTask(Task):
             n.text_mode,
             m.gumbel_tau,
             m.init_logit_scale,
+            gumbel_noise=m.gumbel_noise,
         )
         if m.pretrained:
             report = load_groupvit_checkpoint(self.model, m.pretrained)
