@@ -42,6 +42,18 @@ def say(msg: str) -> None:
     print(msg, file=sys.__stdout__, flush=True)
 
 
+def _quiet_train_reports() -> None:
+    """Train V2 logs every ``ray.train.report`` at INFO with the whole metrics dict ("Reporting
+    training result ..."), which the driver prints beside our own progress line; keep warnings."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: keep its logging as it is
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -103,6 +115,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
 
+    _quiet_train_reports()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train.seed)  # identical init on every rank
