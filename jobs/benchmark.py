@@ -1,0 +1,240 @@
+"""Benchmarks of the data pipeline, the prototype machinery, the training step and evaluation,
+each against a baseline measured in the same run (interleaved repeats, medians and spreads).
+
+  python jobs/benchmark.py data  --out outputs/bench/data.json   # Ray Data vs webdataset
+  python jobs/benchmark.py npr   --out outputs/bench/npr.json    # EM + Hungarian + L_PG vs step
+  python jobs/benchmark.py train --out outputs/bench/train.json  # step breakdown (+ MFU on GPU)
+  python jobs/benchmark.py eval  --out outputs/bench/eval.json   # zero-shot + pseudo-labels
+
+The defaults finish in a few minutes each on a 2-core CPU; flags scale them up on a GPU node:
+
+  python jobs/benchmark.py npr --size vit_s --batches 64,256,1024
+  python jobs/benchmark.py train --size vit_s --batch 256 --workers 8 --cpus-per-worker 8 \\
+      --decode-actors 64 --shards /data/pgseg/shards
+  python jobs/benchmark.py data --cpus 16 --shards /data/pgseg/shards
+
+Each prints Markdown tables (figures are ``median (min-max)`` over the rounds), the ratios to
+the baseline and the speed targets (met / MISSED / not measured), and writes all figures and the
+machine description to ``--out`` as JSON. See docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import fields
+from typing import Any
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+SHARDS_HELP = (
+    "existing WebDataset tars, directories or globs, comma-separated, instead of the synthetic "
+    "shards (on a GPU node: real data, and no time spent generating it)"
+)
+
+
+def _paths(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean: {text}")
+
+
+def _common(p: argparse.ArgumentParser, repeats: int, warmup: int | None) -> None:
+    p.add_argument("--out", default=None, help="write every figure as JSON to this file")
+    p.add_argument(
+        "--repeats", type=int, default=repeats, help=f"interleaved rounds (default {repeats})"
+    )
+    if warmup is not None:
+        p.add_argument(
+            "--warmup", type=int, default=warmup, help=f"unrecorded rounds first (default {warmup})"
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from wsss_ray.bench.data import DataBenchConfig
+    from wsss_ray.bench.eval import EvalBenchConfig
+    from wsss_ray.bench.train import TrainBenchConfig
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    parser = argparse.ArgumentParser(
+        prog="benchmark.py",
+        description=__doc__,
+        epilog="Run 'benchmark.py SUBCOMMAND --help' for each subcommand's flags.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+
+    d = DataBenchConfig()
+    p = sub.add_parser(
+        "data",
+        help="images/s: Ray Data pipeline vs webdataset + DataLoader vs the decode ceiling",
+        description="Ray Data image-text pipeline (decode + RandomResizedCrop + tokenize, "
+        "consumed by iter_torch_batches) vs webdataset + torch DataLoader with as many workers, "
+        "vs one core's decode + crop rate times the cores.",
+    )
+    p.add_argument("--num-images", type=int, default=d.num_images, help="synthetic images")
+    p.add_argument("--source-size", type=int, default=d.source_size, help="JPEG side (px)")
+    p.add_argument("--image-size", type=int, default=d.image_size, help="crop side (px)")
+    p.add_argument(
+        "--samples-per-shard", type=int, default=d.samples_per_shard, help="images per tar"
+    )
+    p.add_argument(
+        "--cpus",
+        type=int,
+        default=cpus,
+        help=f"decode actors = DataLoader workers = ceiling cores (default: nproc = {cpus})",
+    )
+    p.add_argument("--decode-batch", type=int, default=d.decode_batch, help="rows per decode call")
+    p.add_argument("--batch", type=int, default=d.batch, help="consumer batch size")
+    p.add_argument(
+        "--ceiling-images", type=int, default=d.ceiling_images, help="images for the 1-core rate"
+    )
+    p.add_argument("--data-dir", default=d.data_dir, help="where the synthetic shards are kept")
+    p.add_argument("--shards", type=_paths, default=[], help=SHARDS_HELP)
+    _common(p, d.repeats, d.warmup)
+
+    p = sub.add_parser(
+        "npr",
+        help="EM prototypes + Hungarian + L_PG vs the PGSeg forward+backward",
+        description="Per batch size: the PGSeg step (forward+backward) vs EM prototypes + "
+        "Hungarian matching + L_PG on the same tensors; batched EM vs a per-sample loop; "
+        "Hungarian serial vs threads.",
+    )
+    p.add_argument("--size", default="vit_s", choices=["tiny", "vit_s"], help="PGSeg size")
+    p.add_argument(
+        "--batches",
+        type=_ints,
+        default=[],
+        help="comma-separated batch sizes (default 64,256,1024 on CUDA, 2,4,8 on CPU)",
+    )
+    p.add_argument(
+        "--ablation",
+        type=_bool,
+        default=None,
+        help="also time the step without PG units (default: on with CUDA, off on CPU)",
+    )
+    p.add_argument(
+        "--loop-batch",
+        type=int,
+        default=0,
+        help="batch of the batched-vs-loop checks (default 256 on CUDA, 64 on CPU)",
+    )
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch threads (default 1 on CPU, all on CUDA)"
+    )
+    _common(p, 3, 1)
+
+    t = TrainBenchConfig()
+    p = sub.add_parser(
+        "train",
+        help="PGSeg samples/s and step-time breakdown on Ray Train + DeepSpeed (+ MFU on GPU)",
+        description="The PGSeg training step on Ray Train + DeepSpeed + Ray Data, timed by "
+        "phase (data wait, forward, backward, optimizer, bookkeeping, communication), vs the "
+        "same task in a bare torch loop on an in-memory batch; FLOPs by FlopCounterMode, MFU "
+        "on CUDA only.",
+    )
+    p.add_argument("--size", default=t.size, choices=["tiny", "vit_s"], help="PGSeg size")
+    p.add_argument(
+        "--batch", type=int, default=0, help="per worker (default 32 tiny; vit_s 8 CPU, 128 GPU)"
+    )
+    p.add_argument("--workers", type=int, default=t.workers, help="Ray Train workers")
+    p.add_argument("--cpus-per-worker", type=int, default=t.cpus_per_worker)
+    p.add_argument("--decode-actors", type=int, default=t.decode_actors)
+    p.add_argument("--steps", type=int, default=t.steps, help="measured steps per run")
+    p.add_argument("--warmup-steps", type=int, default=t.warmup_steps)
+    p.add_argument("--zero-stage", type=int, default=t.zero_stage)
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--use-gpu", type=_bool, default=None, help="default: when CUDA is present")
+    p.add_argument(
+        "--peak-tflops", type=float, default=0.0, help="GPU bf16 peak (default: from the table)"
+    )
+    p.add_argument(
+        "--isolate",
+        type=_bool,
+        default=False,
+        help="also run Ray Train + DeepSpeed on an in-memory batch (splits Ray Train's cost "
+        "from Ray Data's; one more Ray Train run per round)",
+    )
+    p.add_argument("--data-dir", default=t.data_dir)
+    p.add_argument("--shards", type=_paths, default=[], help=SHARDS_HELP)
+    p.add_argument("--storage", default=t.storage, help="Ray Train storage of the runs")
+    _common(p, t.repeats, None)
+
+    e = EvalBenchConfig()
+    p = sub.add_parser(
+        "eval",
+        help="images/s of zero-shot segmentation and pseudo-label generation",
+        description="Zero-shot segmentation (PGSeg tiny, untrained) and VPL pseudo-labels "
+        "(GradCAM + CAA on a random wsss-tiny CLIP) as Ray Data batch inference vs the same "
+        "callable in a plain in-process loop, on the synthetic VOC-layout set.",
+    )
+    p.add_argument("--num-images", type=int, default=e.num_images)
+    p.add_argument("--image-size", type=int, default=e.image_size)
+    p.add_argument("--cpus", type=int, default=cpus, help="one-CPU actors of ours")
+    p.add_argument(
+        "--plain-threads", type=int, default=e.plain_threads, help="torch threads of the plain loop"
+    )
+    p.add_argument("--batch", type=int, default=e.batch, help="images per map_batches call")
+    p.add_argument("--short-side", type=int, default=e.short_side, help="zero-shot resize")
+    p.add_argument("--window", type=int, default=e.window)
+    p.add_argument("--stride", type=int, default=e.stride)
+    p.add_argument(
+        "--what",
+        default=",".join(e.what),
+        help="comma-separated: zero_shot,pseudo_labels (default both)",
+    )
+    p.add_argument("--data-dir", default=e.data_dir)
+    _common(p, e.repeats, e.warmup)
+    return parser
+
+
+def _fill(cls: type, args: argparse.Namespace, **extra: Any):
+    names = {f.name for f in fields(cls)}
+    kwargs = {k: v for k, v in vars(args).items() if k in names}
+    kwargs.update(extra)
+    return cls(**kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "data":
+        from wsss_ray.bench.data import DataBenchConfig, run
+
+        report = run(_fill(DataBenchConfig, args), args.out)
+    elif args.command == "npr":
+        from wsss_ray.bench.npr import NPRBenchConfig, run
+
+        report = run(_fill(NPRBenchConfig, args), args.out)
+    elif args.command == "train":
+        from wsss_ray.bench.train import TrainBenchConfig, run
+
+        report = run(_fill(TrainBenchConfig, args), args.out)
+    else:
+        from wsss_ray.bench.eval import EvalBenchConfig, run
+
+        what = tuple(w.strip() for w in args.what.split(",") if w.strip())
+        bad = sorted(set(what) - {"zero_shot", "pseudo_labels"})
+        if bad:
+            print(f"benchmark eval: unknown --what {bad}", file=sys.stderr)
+            return 2
+        report = run(_fill(EvalBenchConfig, args, what=what), args.out)
+    print("\n" + report.render(), flush=True)
+    if args.out:
+        print(f"\n[bench] wrote {args.out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

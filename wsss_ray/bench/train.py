@@ -1,0 +1,744 @@
+"""``benchmark train``: PGSeg training throughput and where a step's time goes.
+
+- **ours**: the production path: Ray Data decodes synthetic WebDataset shards on an actor pool,
+  Ray Train workers stream their shard with ``iter_torch_batches`` and step a DeepSpeed engine
+  (ZeRO stage, bf16 on GPU, gloo on CPU) exactly as ``wsss_ray.train.loop`` does (its
+  ``_prepare``, non-finite all-reduce and per-step metric window are reused, ``ray.train.report``
+  every ``log_every`` steps), with a timer around each phase: data wait, forward, backward,
+  optimizer, the loop's bookkeeping, and the time spent inside ``torch.distributed`` collectives
+  (communication; measurable on gloo, where collectives block; NCCL launches are asynchronous);
+- **DeepSpeed alone**: the same engine (same DeepSpeed config) stepping on an in-memory batch in
+  this process (world size 1): what DeepSpeed costs, apart from Ray Train and Ray Data;
+- **plain**: the same task in this process, batches already in memory (no data pipeline), torch
+  AdamW, no DeepSpeed, no Ray, with as many torch threads as a train worker has CPUs (on CUDA:
+  bf16 autocast and fused AdamW): the bare model's speed on the same hardware.
+
+FLOPs per sample come from ``torch.utils.flop_counter.FlopCounterMode`` over one forward +
+backward; model FLOPs utilisation is printed only on CUDA, against the GPU's dense bf16 peak
+(``wsss_ray.bench.common.PEAK_BF16_TFLOPS``). On CUDA every phase boundary synchronizes, so the
+breakdown is exact and the throughput slightly pessimistic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from wsss_ray.bench.common import (
+    Report,
+    Stat,
+    Target,
+    interleave,
+    paired_ratio,
+    peak_bf16_tflops,
+    say,
+    stat_row,
+)
+
+PHASES = ("data", "forward", "backward", "optimizer", "bookkeeping", "report")
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "reduce",
+    "barrier",
+    "all_to_all_single",
+)
+
+
+@dataclass
+class TrainBenchConfig:
+    size: str = "tiny"
+    batch: int = 0  # per worker; 0 = 32 for tiny, 8 (CPU) / 128 (CUDA) for vit_s
+    workers: int = 1
+    cpus_per_worker: int = 1
+    decode_actors: int = 1
+    steps: int = 30  # measured steps per run
+    warmup_steps: int = 5
+    repeats: int = 2
+    log_every: int = 10
+    zero_stage: int = 2
+    use_gpu: bool | None = None  # None = when CUDA is present
+    precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU (as the trainer)
+    source_size: int = 0  # synthetic JPEG side; 0 = 96 for tiny, 256 for vit_s
+    data_dir: str = "outputs/bench/shards"
+    storage: str = "outputs/bench/ray_results"
+    peak_tflops: float = 0.0  # override the GPU peak table
+    isolate: bool = False  # also Ray Train + DeepSpeed on an in-memory batch (no Ray Data)
+    shards: list[str] = field(default_factory=list)  # existing tars/dirs/globs: no synthetic
+
+    def resolved(self) -> TrainBenchConfig:
+        from wsss_ray.models.pgseg import SIZES
+
+        out = TrainBenchConfig(**asdict(self))
+        out.use_gpu = torch.cuda.is_available() if self.use_gpu is None else self.use_gpu
+        if not out.batch:
+            out.batch = 32 if self.size == "tiny" else (128 if out.use_gpu else 8)
+        if not out.source_size:
+            out.source_size = 96 if self.size == "tiny" else 256
+        if out.precision == "auto":
+            out.precision = "bf16" if out.use_gpu else "fp32"
+        SIZES[self.size]  # noqa: B018 - KeyError on an unknown size, before any work
+        return out
+
+
+def train_config(bench: TrainBenchConfig, shards: list[str]):
+    """The PGSegPretrainConfig this benchmark trains (defaults + the bench's choices)."""
+    from wsss_ray.config import PGSegPretrainConfig, load_config
+    from wsss_ray.models.pgseg import SIZES
+
+    size = SIZES[bench.size]
+    tiny = bench.size == "tiny"
+    total = bench.warmup_steps + bench.steps
+    overrides = [
+        f"model.size={bench.size}",
+        f"data.image_size={size.image_size}",
+        f"data.crop_scale=[{0.5 if tiny else 0.08},1.0]",
+        f"data.decode_actors=[{bench.decode_actors},{bench.decode_actors}]",
+        f"train.max_steps={total}",
+        f"train.batch_size_per_worker={bench.batch}",
+        f"train.log_every={bench.log_every}",
+        f"train.ckpt_every={10 * total}",
+        f"train.zero_stage={bench.zero_stage}",
+        f"train.precision={bench.precision}",
+        f"scaling.num_workers={bench.workers}",
+        f"scaling.use_gpu={str(bench.use_gpu).lower()}",
+        f"scaling.cpus_per_worker={bench.cpus_per_worker}",
+        f"optim.warmup_steps={min(10, total)}",
+        "tracking.enabled=false",
+    ]
+    cfg = load_config(PGSegPretrainConfig, None, overrides)
+    cfg.data.train_shards = list(shards)
+    return cfg
+
+
+# --------------------------------------------------------------------------- communication
+class CommTimer:
+    """Wraps ``torch.distributed`` collectives to sum the seconds spent inside them (install
+    before DeepSpeed captures the functions)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.calls = 0
+
+    def install(self) -> None:
+        import torch.distributed as dist
+
+        for name in COLLECTIVES:
+            fn = getattr(dist, name, None)
+            if fn is None or getattr(fn, "_bench_wrapped", False):
+                continue
+
+            def wrapped(*args, __fn=fn, **kwargs):
+                t0 = time.perf_counter()
+                try:
+                    return __fn(*args, **kwargs)
+                finally:
+                    self.seconds += time.perf_counter() - t0
+                    self.calls += 1
+
+            wrapped._bench_wrapped = True  # type: ignore[attr-defined]
+            setattr(dist, name, wrapped)
+
+    def take(self) -> tuple[float, int]:
+        out = (self.seconds, self.calls)
+        self.seconds, self.calls = 0.0, 0
+        return out
+
+
+# --------------------------------------------------------------------------------- ours
+def bench_loop_per_worker(loop_config: dict) -> None:
+    """``wsss_ray.train.loop.train_loop_per_worker``'s hot path with a timer per phase (no
+    checkpoints, no validation, no MLflow); rank 0 reports the summary."""
+    cfg = loop_config["cfg"]
+    warmup = loop_config["warmup_steps"]
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
+    comm = CommTimer()
+    comm.install()
+    import deepspeed
+    import ray.train
+
+    from wsss_ray.tasks import build_task
+    from wsss_ray.train.deepspeed_config import deepspeed_config, total_steps, use_bf16
+    from wsss_ray.train.loop import _all_reduce, _prepare, _Window
+    from wsss_ray.train.schedule import schedule_factor
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.train.seed)
+    task = build_task(cfg)
+    if cfg.scaling.use_gpu and world > 1:
+        task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(task)
+    steps = total_steps(cfg)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(
+        task.param_groups(o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(o, steps))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=task,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg),
+        dist_init_required=False,
+    )
+    dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
+    cuda = cfg.scaling.use_gpu and torch.cuda.is_available()
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    B = cfg.train.batch_size_per_worker
+    synthetic = loop_config.get("synthetic", False)
+    shard = None if synthetic else ray.train.get_dataset_shard("train")
+    times: dict[str, list[float]] = defaultdict(list)
+    window = _Window()
+    step, t_start, epochs = 0, None, 0
+    comm.take()
+    while step < steps:
+        epochs += 1
+        if synthetic:  # the same uint8 batch forever: Ray Train without Ray Data
+            batches = iter(lambda: _uint8_batch(cfg, B), None)
+        else:
+            batches = iter(shard.iter_torch_batches(batch_size=B, drop_last=True))
+        while step < steps:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            batch.pop("skipped", None)
+            sync()
+            t1 = time.perf_counter()
+            losses, metrics = engine(_prepare(batch, cfg, dtype))
+            total = sum(v for k, v in losses.items() if k.endswith("_loss"))
+            sync()
+            t2 = time.perf_counter()
+            finite = _all_reduce([float(torch.isfinite(total.detach()).all())], "min")[0] > 0
+            t3 = time.perf_counter()
+            engine.backward(total)
+            sync()
+            t4 = time.perf_counter()
+            engine.step()
+            engine.module.after_step()
+            sync()
+            t5 = time.perf_counter()
+            window.add(losses, metrics, float(total.detach()))
+            step += 1
+            t6 = time.perf_counter()
+            if step % cfg.train.log_every == 0:
+                keys = sorted(window.sums)
+                _all_reduce([window.sums[k] for k in keys])
+                ray.train.report({"step": step})
+                window = _Window()
+            t7 = time.perf_counter()
+            comm_s, comm_calls = comm.take()
+            if step == warmup:
+                t_start = t7
+            if step > warmup:
+                for name, dt in zip(
+                    PHASES, (t1 - t0, t2 - t1, t4 - t3, t5 - t4, (t3 - t2) + (t6 - t5), t7 - t6)
+                ):
+                    times[name].append(dt)
+                times["step"].append(t7 - t0)
+                times["comm"].append(comm_s)
+                times["comm_calls"].append(comm_calls)
+            if not finite:
+                raise RuntimeError("non-finite loss in the benchmark")
+    wall = time.perf_counter() - (t_start or time.perf_counter())
+    measured = max(step - warmup, 0)
+    summary = {
+        "rank": rank,
+        "world": world,
+        "torch_threads": torch.get_num_threads(),
+        "steps": measured,
+        "epochs": epochs,
+        "wall_s": wall,
+        "samples": measured * B * world,
+        "samples_per_s": measured * B * world / max(wall, 1e-9),
+        "mean_s": {k: sum(v) / max(len(v), 1) for k, v in times.items()},
+        "median_s": {k: sorted(v)[len(v) // 2] if v else 0.0 for k, v in times.items()},
+    }
+    # Train V2 keeps the metrics of checkpointed reports: attach a one-file checkpoint
+    with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
+        with open(os.path.join(tmp, "bench.json"), "w") as f:
+            json.dump(summary, f)
+        checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+        ray.train.report({"step": step, "bench": json.dumps(summary)}, checkpoint=checkpoint)
+
+
+_BATCH: dict = {}
+
+
+def _uint8_batch(cfg, batch: int) -> dict[str, torch.Tensor]:
+    """What the decode actors deliver (uint8 B x H x W x 3 images, token ids), made once."""
+    if "b" not in _BATCH:
+        from wsss_ray.bench.npr import CAPTIONS
+        from wsss_ray.models.clip import tokenizer
+        from wsss_ray.tasks import tokenizer_spec
+
+        name, ctx = tokenizer_spec(cfg)
+        size = cfg.data.image_size
+        g = torch.Generator().manual_seed(0)
+        device = "cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu"
+        _BATCH["b"] = {
+            "image": torch.randint(0, 256, (batch, size, size, 3), generator=g, dtype=torch.uint8),
+            "text": tokenizer(name, ctx)([CAPTIONS[i % len(CAPTIONS)] for i in range(batch)]),
+        }
+        _BATCH["b"] = {k: v.to(device) for k, v in _BATCH["b"].items()}
+    return dict(_BATCH["b"])
+
+
+def ours_run(
+    bench: TrainBenchConfig, cfg, shards: list[str], index: list[int], synthetic: bool = False
+) -> dict:
+    """One Ray Train fit of the instrumented loop (``synthetic``: on an in-memory batch instead
+    of the Ray Data pipeline); returns rank 0's summary."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from wsss_ray.data.webdataset import image_text_dataset
+    from wsss_ray.tasks import tokenizer_spec
+
+    d, s = cfg.data, cfg.scaling
+    name, context_length = tokenizer_spec(cfg)
+    dataset = image_text_dataset(
+        shards,
+        name,
+        d.image_size,
+        tuple(d.crop_scale),
+        d.hflip,
+        d.decode_batch_size,
+        tuple(d.decode_actors),
+        d.cpus_per_decode_actor,
+        context_length,
+    )
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = 1
+    index[0] += 1
+    trainer = TorchTrainer(
+        bench_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg,
+            "warmup_steps": bench.warmup_steps,
+            "synthetic": synthetic,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"bench_train_{os.getpid()}_{index[0]}",
+            storage_path=os.path.abspath(bench.storage),
+        ),
+        datasets={} if synthetic else {"train": dataset},
+    )
+    result = trainer.fit()
+    if result.metrics and "bench" in result.metrics:
+        return json.loads(result.metrics["bench"])
+    with result.checkpoint.as_directory() as folder:
+        with open(os.path.join(folder, "bench.json")) as f:
+            return json.load(f)
+
+
+# -------------------------------------------------------------------------------- plain
+def flop_counter():
+    """``FlopCounterMode`` that also counts CPU attention (``F.scaled_dot_product_attention``
+    on CPU runs ``_scaled_dot_product_flash_attention_for_cpu``, which torch does not count)."""
+    from torch.utils.flop_counter import (
+        FlopCounterMode,
+        sdpa_backward_flop_count,
+        sdpa_flop_count,
+    )
+
+    def fwd(q, k, v, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(q, k, v)
+
+    def bwd(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out, q, k, v)
+
+    aten = torch.ops.aten
+    mapping = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = fwd
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = bwd
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+class PlainLoop:
+    """The same task stepping on one in-memory batch: forward, backward, AdamW."""
+
+    def __init__(self, cfg, bench: TrainBenchConfig):
+        from wsss_ray.bench.npr import synthetic_batch
+        from wsss_ray.tasks import build_task
+
+        self.cuda = bool(bench.use_gpu) and torch.cuda.is_available()
+        self.device = torch.device("cuda" if self.cuda else "cpu")
+        torch.manual_seed(cfg.train.seed)
+        self.task = build_task(cfg).to(self.device).train()
+        o = cfg.optim
+        self.opt = torch.optim.AdamW(
+            self.task.param_groups(o.weight_decay),
+            lr=o.lr,
+            betas=tuple(o.betas),
+            eps=o.eps,
+            **({"fused": True} if self.cuda else {}),
+        )
+        self.batch = synthetic_batch(self.task, bench.batch, self.device, torch.float32)
+        self.bf16 = bench.precision == "bf16"
+        self.threads = bench.cpus_per_worker
+        self.bench = bench
+
+    def _autocast(self):
+        if self.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def step(self) -> tuple[float, float, float]:
+        t0 = time.perf_counter()
+        with self._autocast():
+            losses, _ = self.task.training_forward(self.batch)
+            total = sum(v for k, v in losses.items() if k.endswith("_loss"))
+        self._sync()
+        t1 = time.perf_counter()
+        total.backward()
+        self._sync()
+        t2 = time.perf_counter()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.task.after_step()
+        self._sync()
+        return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+    def flops_per_sample(self) -> float:
+        """Forward + backward FLOPs of one batch, per sample (FlopCounterMode)."""
+        counter = flop_counter()
+        with counter:  # one block: entering the mode again would reset its counts
+            with self._autocast():
+                losses, _ = self.task.training_forward(self.batch)
+                total = sum(v for k, v in losses.items() if k.endswith("_loss"))
+            total.backward()
+        self.opt.zero_grad(set_to_none=True)
+        return counter.get_total_flops() / self.bench.batch
+
+    def run(self) -> dict:
+        threads = torch.get_num_threads()
+        if not self.cuda:
+            torch.set_num_threads(self.threads)
+        try:
+            for _ in range(self.bench.warmup_steps):
+                self.step()
+            parts: dict[str, list[float]] = defaultdict(list)
+            t0 = time.perf_counter()
+            for _ in range(self.bench.steps):
+                f, b, o = self.step()
+                parts["forward"].append(f)
+                parts["backward"].append(b)
+                parts["optimizer"].append(o)
+            wall = time.perf_counter() - t0
+        finally:
+            torch.set_num_threads(threads)
+        if self.cuda:  # leave the GPU's memory to the Ray Train workers between runs
+            torch.cuda.empty_cache()
+        n = self.bench.steps
+        mean = {k: sum(v) / n for k, v in parts.items()}
+        mean["other"] = wall / n - sum(mean.values())  # loop overhead, freeing the graph
+        mean["step"] = wall / n
+        return {
+            "steps": n,
+            "wall_s": wall,
+            "samples": n * self.bench.batch,
+            "samples_per_s": n * self.bench.batch / max(wall, 1e-9),
+            "mean_s": mean,
+        }
+
+
+class DeepSpeedLoop(PlainLoop):
+    """The plain loop's in-memory batch through the same DeepSpeed engine as the trainer (this
+    process, world size 1): separates DeepSpeed's cost from Ray Train's and Ray Data's."""
+
+    def __init__(self, cfg, bench: TrainBenchConfig):
+        super().__init__(cfg, bench)
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if self.cuda else "cpu")
+        import deepspeed
+        import torch.distributed as dist
+
+        from wsss_ray.train.deepspeed_config import deepspeed_config, total_steps, use_bf16
+        from wsss_ray.train.schedule import schedule_factor
+
+        if not dist.is_initialized():
+            import socket
+
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            dist.init_process_group(
+                "nccl" if self.cuda else "gloo",
+                init_method=f"tcp://127.0.0.1:{port}",
+                rank=0,
+                world_size=1,
+            )
+        torch.manual_seed(cfg.train.seed)
+        from wsss_ray.tasks import build_task
+
+        task = build_task(cfg)
+        o = cfg.optim
+        opt = torch.optim.AdamW(
+            task.param_groups(o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule_factor(o, total_steps(cfg)))
+        had = os.environ.get("LOCAL_RANK")
+        os.environ["LOCAL_RANK"] = "0"  # DeepSpeed asks for it; only for this call
+        try:
+            self.engine, _, _, _ = deepspeed.initialize(
+                model=task,
+                optimizer=opt,
+                lr_scheduler=sched,
+                config=deepspeed_config(cfg),
+                dist_init_required=False,
+            )
+        finally:
+            if had is None:
+                os.environ.pop("LOCAL_RANK", None)
+        dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
+        self.batch = {
+            k: v.to(dtype) if k == "image" else v for k, v in self.batch.items()
+        }  # DeepSpeed bf16 casts the module; the loop casts the images
+
+    def step(self) -> tuple[float, float, float]:
+        t0 = time.perf_counter()
+        losses, _ = self.engine(self.batch)
+        total = sum(v for k, v in losses.items() if k.endswith("_loss"))
+        self._sync()
+        t1 = time.perf_counter()
+        self.engine.backward(total)
+        self._sync()
+        t2 = time.perf_counter()
+        self.engine.step()
+        self.engine.module.after_step()
+        self._sync()
+        return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+
+# ---------------------------------------------------------------------------------- run
+def _flatten(summary: dict) -> dict[str, float]:
+    out = {"samples_per_s": summary["samples_per_s"], "samples": float(summary["samples"])}
+    for k, v in summary["mean_s"].items():
+        out[k if k == "comm_calls" else f"{k}_s"] = v
+    return out
+
+
+def run(bench: TrainBenchConfig, out: str | None = None) -> Report:
+    from wsss_ray.bench.data import DataBenchConfig, make_shards
+    from wsss_ray.models.pgseg import SIZES
+    from wsss_ray.runtime import start_ray
+
+    bench = bench.resolved()
+    report = Report("train", asdict(bench))
+    size = SIZES[bench.size]
+    need = (bench.warmup_steps + bench.steps) * bench.batch * bench.workers
+    per_shard = 256 if need > 1024 else 64
+    num_images = -(-(need + bench.batch * bench.workers) // per_shard) * per_shard
+    shards = make_shards(
+        DataBenchConfig(
+            num_images=num_images,
+            source_size=bench.source_size,
+            samples_per_shard=per_shard,
+            data_dir=bench.data_dir,
+            shards=list(bench.shards),
+        )
+    )
+    cfg = train_config(bench, shards)
+    say(
+        f"PGSeg {bench.size}, {bench.workers} worker(s) x batch {bench.batch}, "
+        f"{bench.precision}, ZeRO-{bench.zero_stage}, {bench.warmup_steps} + {bench.steps} steps "
+        f"per run, {bench.repeats} interleaved rounds of {{plain, DeepSpeed alone, "
+        + ("Ray Train in-memory, " if bench.isolate else "")
+        + "ours}"
+    )
+    start_ray(  # first: Ray's processes must not inherit this process's torch.distributed
+        bench.workers * bench.cpus_per_worker + bench.decode_actors + 1,
+        bench.workers * bench.cpus_per_worker + bench.decode_actors + 1,
+    )
+    plain = PlainLoop(cfg, bench)
+    flops = plain.flops_per_sample()
+    ds_loop = DeepSpeedLoop(cfg, bench)
+    counter = [0]
+    raw: dict[str, list[dict]] = {"plain": [], "deepspeed": [], "ours": []}
+
+    def plain_fn() -> dict[str, float]:
+        s = plain.run()
+        raw["plain"].append(s)
+        return _flatten(s)
+
+    def deepspeed_fn() -> dict[str, float]:
+        s = ds_loop.run()
+        raw["deepspeed"].append(s)
+        return _flatten(s)
+
+    def ours_fn() -> dict[str, float]:
+        s = ours_run(bench, cfg, shards, counter)
+        raw["ours"].append(s)
+        return _flatten(s)
+
+    runners = {"plain": plain_fn, "deepspeed": deepspeed_fn, "ours": ours_fn}
+    if bench.isolate:
+
+        def ray_train_fn() -> dict[str, float]:
+            s = ours_run(bench, cfg, shards, counter, synthetic=True)
+            raw.setdefault("ray_train", []).append(s)
+            return _flatten(s)
+
+        runners = {"plain": plain_fn, "deepspeed": deepspeed_fn, "ray_train": ray_train_fn}
+        runners["ours"] = ours_fn
+    res = interleave(runners, bench.repeats, 0, log=say)
+    ours, base, dsp = res["ours"], res["plain"], res["deepspeed"]
+    labels = {
+        "ours": f"ours: Ray Train x{bench.workers} + DeepSpeed + Ray Data",
+        "ray_train": f"Ray Train in-memory: x{bench.workers} + DeepSpeed, no Ray Data",
+        "deepspeed": "DeepSpeed engine alone: in-memory batch, this process",
+        "plain": "plain: torch loop + AdamW, in-memory batch, this process",
+    }
+    paths = [k for k in ("ours", "ray_train", "deepspeed", "plain") if k in res]
+    workers = {"ours": bench.workers, "ray_train": bench.workers}
+    per_worker = Stat([v / bench.workers for v in ours["samples_per_s"].values])
+    rows = []
+    for k in paths:
+        sps = res[k]["samples_per_s"]
+        rows.append(
+            [
+                labels[k],
+                sps.fmt(),
+                f"{100 * sps.spread:.0f}%",
+                Stat([v / workers.get(k, 1) for v in sps.values]).fmt(),
+                f"{res[k]['samples'].median:.0f}",
+            ]
+        )
+    report.table(
+        "throughput",
+        ["path", "samples/s", "spread", "samples/s per worker", "samples measured"],
+        rows,
+    )
+    ratios = {"ours_over_plain": paired_ratio(ours["samples_per_s"], base["samples_per_s"])}
+    ratio_rows = [stat_row("ours / plain (samples/s)", ratios["ours_over_plain"])]
+    ratios["deepspeed_over_plain"] = paired_ratio(dsp["samples_per_s"], base["samples_per_s"])
+    ratio_rows.append(
+        stat_row("DeepSpeed alone / plain: what the engine costs", ratios["deepspeed_over_plain"])
+    )
+    if "ray_train" in res:
+        rt = res["ray_train"]["samples_per_s"]
+        ratios["ray_train_over_deepspeed"] = paired_ratio(rt, dsp["samples_per_s"])
+        ratios["ours_over_ray_train"] = paired_ratio(ours["samples_per_s"], rt)
+        ratio_rows += [
+            stat_row(
+                "Ray Train / DeepSpeed alone: what Ray Train costs",
+                ratios["ray_train_over_deepspeed"],
+            ),
+            stat_row(
+                "ours / Ray Train in-memory: what streaming from Ray Data costs",
+                ratios["ours_over_ray_train"],
+            ),
+        ]
+    else:
+        ratios["ours_over_deepspeed"] = paired_ratio(ours["samples_per_s"], dsp["samples_per_s"])
+        ratio_rows.append(
+            stat_row(
+                "ours / DeepSpeed alone: what Ray Train + Ray Data cost",
+                ratios["ours_over_deepspeed"],
+            )
+        )
+    report.table(
+        "ratios (median of paired per-round ratios)", ["ratio", "value", "spread"], ratio_rows
+    )
+    names = {
+        "comm": "communication (inside the above)",
+        "bookkeeping": "bookkeeping (finite check, metric syncs)",
+        "report": "ray.train.report every log_every",
+        "other": "other (untimed)",
+    }
+    rows = []
+    for phase in (*PHASES, "other", "comm", "step"):
+        row = [names.get(phase, phase)]
+        for k in paths:
+            v, step = res[k].get(f"{phase}_s"), res[k]["step_s"].median
+            if v is None:
+                row.append("-")
+            elif phase == "step":
+                row.append(f"{1e3 * v.median:.1f}")
+            else:
+                row.append(f"{1e3 * v.median:.1f} ({100 * v.median / step:.0f}%)")
+        rows.append(row)
+    report.table(
+        "mean step-time breakdown, ms (share of the step), median over rounds (rank 0)",
+        ["phase", *[labels[k].split(":")[0] for k in paths]],
+        rows,
+    )
+    peak = bench.peak_tflops or (
+        peak_bf16_tflops(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None
+    )
+    tflops_rows = []
+    for k in paths:
+        achieved = flops * res[k]["samples_per_s"].median / 1e12
+        row = [labels[k].split(":")[0], f"{achieved:.3g}"]
+        if bench.use_gpu and torch.cuda.is_available() and peak:
+            row.append(f"{100 * achieved / (peak * workers.get(k, 1)):.1f}%")
+        else:
+            row.append("n/a (no GPU)" if not torch.cuda.is_available() else "n/a (unknown peak)")
+        tflops_rows.append(row)
+    report.table(
+        f"model FLOPs ({flops / 1e9:.3g} GFLOP per sample, forward + backward)",
+        ["path", "achieved TFLOP/s", "MFU (bf16 dense peak)"],
+        tflops_rows,
+    )
+    mfu = None
+    if bench.use_gpu and torch.cuda.is_available() and peak:
+        mfu = 100 * flops * per_worker.median / 1e12 / peak
+    report.targets = [
+        Target(
+            "vit_s PGSeg bf16 >= 35% MFU on GPU",
+            mfu if bench.size == "vit_s" and bench.precision == "bf16" else None,
+            ">=",
+            35.0,
+            "%",
+            "" if mfu is not None else "needs a GPU (MFU is printed only with CUDA)",
+        )
+    ]
+    report.figures = {
+        **{k: res[k] for k in paths},
+        **ratios,
+        "flops_per_sample": flops,
+        "raw": raw,
+        "image_size": size.image_size,
+    }
+    threads = sorted({r.get("torch_threads") for r in raw["ours"]} - {None})
+    report.notes.append(
+        f"torch threads: {threads} in the train worker(s), {bench.cpus_per_worker} in the "
+        "plain and DeepSpeed loops (= CPUs per worker)"
+    )
+    if bench.workers == 1:
+        report.notes.append(
+            "communication with one worker: only DeepSpeed's own world-size-1 collectives "
+            "(run --workers 2 to see gradient reduction)"
+        )
+    elif bench.use_gpu:
+        report.notes.append(
+            "communication on NCCL is asynchronous: the time inside collectives is launch "
+            "time; the reduction itself overlaps the backward"
+        )
+    report.finish(out)
+    return report
