@@ -72,16 +72,27 @@ def test_pgseg_sweep_parses_into_tune_distributions():
         assert math.isclose(cfg.optim.lr, values["optim.lr"])
 
 
-def test_vpl_sweep_stages():
-    first = load_sweep("configs/sweeps/vpl.yaml")
+def test_vpl_sweep_stages(tmp_path):
+    # the shipped file points at the demo's CLIP and phase-1 folder: stand-ins here, so the test
+    # does not depend on `make demo-vpl` having run in this checkout
+    weights = tmp_path / "clip.pt"
+    weights.write_bytes(b"x")
+    phase1 = tmp_path / "vpl_tiny"
+    (phase1 / "pseudo_labels_vision").mkdir(parents=True)
+    (phase1 / "prototypes.pt").write_bytes(b"x")
+    ours = [f"fixed.clip.weights={weights}"]
+    first = load_sweep("configs/sweeps/vpl.yaml", ours)
     assert first.stage == "prototypes" and first.method == "vpl_prototypes"
     assert first.name == "vpl_prototypes" and first.scheduler.kind == "fifo"
     assert set(first.parameters) == {"prototypes.tau_i", "prototypes.tau_t", "prototypes.lam"}
     assert first.searcher.seed == 0 and first.output_dir == "outputs/demo"  # shared keys
-    seeds = load_sweep("configs/sweeps/vpl.yaml", ["stage=seeds"])
+    seeds = load_sweep("configs/sweeps/vpl.yaml", ["stage=seeds", *ours])
     assert seeds.score == "seeds" and seeds.metric == "seed/miou"
     assert {"cam.box_thresh", "cam.alpha"} <= set(seeds.parameters)
-    decoder = load_sweep("configs/sweeps/vpl.yaml", ["stage=decoder", "num_samples=3"])
+    decoder = load_sweep(
+        "configs/sweeps/vpl.yaml",
+        ["stage=decoder", "num_samples=3", *ours, f"fixed.phase1.folder={phase1}"],
+    )
     assert decoder.method == "vpl_seg" and decoder.scheduler.kind == "asha"
     assert set(decoder.parameters) == {"rsc.weight", "rsc.tau", "optim.lr"}
     assert decoder.num_samples == 3
