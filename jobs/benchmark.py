@@ -12,6 +12,7 @@ The defaults finish in a few minutes each on a 2-core CPU; flags scale them up o
   python jobs/benchmark.py train --size vit_s --batch 256 --workers 8 --cpus-per-worker 8 \\
       --decode-actors 64 --shards /data/pgseg/shards
   python jobs/benchmark.py data --cpus 16 --shards /data/pgseg/shards
+  python jobs/benchmark.py train --ab grad_checkpointing,compile      # fast-path A/B
 
 Each prints Markdown tables (figures are ``median (min-max)`` over the rounds), the ratios to
 the baseline and the speed targets (met / MISSED / not measured), and writes all figures and the
@@ -166,6 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=False,
         help="also run Ray Train + DeepSpeed on an in-memory batch (splits Ray Train's cost "
         "from Ray Data's; one more Ray Train run per round)",
+    )
+    p.add_argument(
+        "--ab",
+        type=_paths,
+        default=[],
+        help="comma-separated train.* fast-path options to A/B in the same rounds: each adds "
+        "'DeepSpeed alone' with the option flipped from its default "
+        "(grad_checkpointing, compile; on CUDA also tf32, fused_adamw)",
+    )
+    p.add_argument(
+        "--decode-device",
+        default=t.decode_device,
+        choices=["cpu", "cuda"],
+        help="ours: data.decode_device (cuda = JPEG decode on the train workers' GPUs)",
     )
     p.add_argument("--data-dir", default=t.data_dir)
     p.add_argument("--shards", type=_paths, default=[], help=SHARDS_HELP)

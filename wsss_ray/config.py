@@ -57,10 +57,13 @@ class DataConfig:
     hflip: bool = _f(True, "random horizontal flip")
     mean: list[float] = _f(CLIP_MEAN, "normalisation mean (RGB)")
     std: list[float] = _f(CLIP_STD, "normalisation std (RGB)")
-    decode_batch_size: int = _f(64, "rows per map_batches call of the decode actors")
+    decode_batch_size: int = _f(256, "rows per map_batches call of the decode actors")
     decode_actors: list[int] = _f([1, 2], "decode actor pool size (min, max)")
     cpus_per_decode_actor: float = _f(1.0, "logical CPUs per decode actor")
     local_shuffle_buffer: int = _f(0, "iter_torch_batches local shuffle buffer (0 = off)")
+    decode_device: str = _f(
+        "cpu", "cpu (decode actors decode) | cuda (actors parse, train workers decode on GPU)"
+    )
 
 
 @dataclass
@@ -87,8 +90,12 @@ class TrainConfig:
     ckpt_every: int = _f(100, "checkpoint every M steps (and at the end)")
     max_nonfinite: int = _f(5, "stop after this many non-finite losses in a row")
     seed: int = _f(0, "random seed")
-    zero_stage: int = _f(2, "DeepSpeed ZeRO stage (0-3)")
+    zero_stage: int = _f(2, "DeepSpeed ZeRO stage (0-3); one fp32 worker runs stage 0")
     precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
+    compile: bool = _f(False, "torch.compile the image and text encoders (eager if it fails)")
+    grad_checkpointing: bool = _f(False, "recompute transformer blocks in the backward")
+    tf32: bool = _f(False, "TF32 matmuls and convolutions on CUDA workers (ignored on CPU)")
+    fused_adamw: bool = _f(True, "torch AdamW with fused=True on CUDA workers (ignored on CPU)")
 
 
 @dataclass
@@ -519,6 +526,12 @@ def validate(cfg: Any) -> None:
         need(len(d.mean) == 3 and len(d.std) == 3, "data.mean", "mean and std need 3 values")
     if isinstance(cfg, TrainJobConfig) and isinstance(cfg.data, DataConfig):
         d = cfg.data
+        need(d.decode_device in ("cpu", "cuda"), "data.decode_device", "cpu | cuda")
+        need(
+            d.decode_device == "cpu" or cfg.scaling.use_gpu,
+            "data.decode_device",
+            "cuda decodes on the train workers' GPUs: needs scaling.use_gpu=true",
+        )
         need(len(d.crop_scale) == 2, "data.crop_scale", "needs two numbers (min, max)")
         need(0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", "0 < min <= max <= 1")
         d.train_shards = _expand_paths("data.train_shards", d.train_shards)

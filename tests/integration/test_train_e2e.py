@@ -4,6 +4,8 @@ MLflow holds the run's params, metrics and checkpoint location."""
 
 from __future__ import annotations
 
+import math
+
 from mlflow.tracking import MlflowClient
 
 from wsss_ray.config import ClipPretrainConfig, load_config
@@ -40,16 +42,19 @@ def test_train_resume_and_mlflow(ray_local, tmp_path):
             client.get_metric_history(first.mlflow_run_id, "loss"), key=lambda m: m.step
         )
     ]
-    print("clip e2e loss per report:", loss)
     assert len(loss) == 4
-    assert loss[-1] < loss[0] - 0.25, loss  # it learns
 
     second = run(_cfg(tmp_path, 24))
     assert second.mlflow_run_id == first.mlflow_run_id  # same MLflow run continues
     resumed = client.get_metric_history(second.mlflow_run_id, "resumed_from_step")
     assert sorted(m.value for m in resumed) == [0, 16]
-    steps = sorted(m.step for m in client.get_metric_history(second.mlflow_run_id, "loss"))
-    assert steps == [4, 8, 12, 16, 20, 24]  # continued from 16, not restarted at 0
+    history = sorted(client.get_metric_history(second.mlflow_run_id, "loss"), key=lambda m: m.step)
+    assert [m.step for m in history] == [4, 8, 12, 16, 20, 24]  # continued from 16, not from 0
+    loss = [m.value for m in history]
+    print("clip e2e loss per report:", loss)
+    # it learns: after 20-24 steps the loss is clearly below its start, and so below chance
+    # (log 64 = 4.16 for the global batch of 64); 16 steps alone sometimes only reach chance
+    assert min(loss[-2:]) < min(loss[0] - 0.3, math.log(64) - 0.05), loss
     assert second.metrics["step"] == 24 and second.metrics["samples"] == 24 * 64
 
     data = client.get_run(first.mlflow_run_id).data

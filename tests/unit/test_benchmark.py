@@ -187,6 +187,8 @@ def test_train_toy(tmp_path, capsys, ray_local):
             "false",
             "--isolate",
             "true",
+            "--ab",
+            "grad_checkpointing,tf32",
             "--data-dir",
             str(tmp_path / "shards"),
             "--storage",
@@ -197,8 +199,10 @@ def test_train_toy(tmp_path, capsys, ray_local):
     )
     assert "ours / plain" in printed and "GFLOP per sample" in printed
     fig = report["figures"]
-    for path in ("ours", "ray_train", "deepspeed"):
+    for path in ("ours", "ray_train", "deepspeed", "ab_grad_checkpointing"):
         assert fig[path]["samples"]["values"] == fig["plain"]["samples"]["values"] == [8.0]
+    assert fig["ab_grad_checkpointing_over_deepspeed"]["n"] == 1
+    assert "ab_tf32" not in fig and any("--ab tf32: skipped" in n for n in report["notes"])
     assert fig["flops_per_sample"] > 0
     for phase in ("data_s", "forward_s", "backward_s", "optimizer_s", "comm_s"):
         assert phase in fig["ours"]

@@ -10,8 +10,9 @@
 - **ceiling**: the one-core rate of JPEG decode + crop on bytes already in memory, times the
   cores: what the cores could do with no pipeline at all.
 
-Each pass reads every image once. The headline rate is the steady state, from the arrival of batch
-``cpus`` (the parallel producers' first batches arrive together after start-up) to the last;
+Each pass reads every image once. The headline rate is the steady state, from the arrival of the
+producers' first outputs (the parallel producers' first batches arrive together after start-up:
+``cpus`` batches for plain, ``cpus x decode_batch / batch`` consumer batches for ours) to the last;
 start-up (worker processes importing torch, the actor pool, Ray Data's coordinator) is paid once
 per pass, i.e. per epoch, and is reported separately as the time to the first batch. The shards
 are the synthetic shapes world written as real WebDataset tars by
@@ -43,14 +44,14 @@ TOKENIZER = "ViT-B-16"
 
 @dataclass
 class DataBenchConfig:
-    num_images: int = 2048
+    num_images: int = 8192  # 2,048 are too few for a steady state (docs/PERFORMANCE.md)
     source_size: int = 224  # side of the synthetic JPEGs
     image_size: int = 224  # crop side (vit_s)
     crop_scale: tuple[float, float] = (0.08, 1.0)
     context_length: int = 77
     samples_per_shard: int = 256
     cpus: int = 2  # actors of ours = DataLoader workers of plain = cores of the ceiling
-    decode_batch: int = 64  # rows per decode call (map_batches batch / wds.batched)
+    decode_batch: int = 256  # rows per decode call (= data.decode_batch_size's default)
     batch: int = 64  # what the consumer asks for (iter_torch_batches batch_size)
     ceiling_images: int = 512  # images decoded in-process for the one-core rate
     repeats: int = 3
@@ -145,7 +146,13 @@ def ours_pass(paths: list[str], cfg: DataBenchConfig) -> dict[str, float]:
     )
     shard = ds.streaming_split(1, equal=False)[0]  # what ray.train.get_dataset_shard returns
     batches = shard.iter_torch_batches(batch_size=cfg.batch, drop_last=True)
-    return consume(batches, _images, skip=cfg.cpus)
+    return consume(batches, _images, skip=first_outputs(cfg))
+
+
+def first_outputs(cfg: DataBenchConfig) -> int:
+    """Consumer batches that hold the producers' first outputs (start-up, not steady state):
+    each of the ``cpus`` actors' first decode batch is ``decode_batch / batch`` of them."""
+    return cfg.cpus * max(1, -(-cfg.decode_batch // cfg.batch))
 
 
 # ------------------------------------------------------------------------------------ plain

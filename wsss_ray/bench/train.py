@@ -13,6 +13,11 @@
   AdamW, no DeepSpeed, no Ray, with as many torch threads as a train worker has CPUs (on CUDA:
   bf16 autocast and fused AdamW): the bare model's speed on the same hardware.
 
+``--ab OPTION,...`` adds, per option, the "DeepSpeed alone" loop with that ``train.*`` fast-path
+option flipped from its default (``grad_checkpointing``, ``compile``; on CUDA also ``tf32`` and
+``fused_adamw``), interleaved in the same rounds, with its paired ratio to "DeepSpeed alone".
+``--decode-device cuda`` runs ours with the JPEG decode on the train workers' GPUs.
+
 FLOPs per sample come from ``torch.utils.flop_counter.FlopCounterMode`` over one forward +
 backward; model FLOPs utilisation is printed only on CUDA, against the GPU's dense bf16 peak
 (``wsss_ray.bench.common.PEAK_BF16_TFLOPS``). On CUDA every phase boundary synchronizes, so the
@@ -40,6 +45,10 @@ from wsss_ray.bench.common import (
     say,
     stat_row,
 )
+
+#: train.* options ``--ab`` can flip; the CUDA-only ones are skipped (with a note) on CPU
+AB_OPTIONS = ("grad_checkpointing", "compile", "tf32", "fused_adamw")
+CUDA_ONLY = ("tf32", "fused_adamw")
 
 PHASES = ("data", "forward", "backward", "optimizer", "bookkeeping", "report")
 COLLECTIVES = (
@@ -74,6 +83,10 @@ class TrainBenchConfig:
     storage: str = "outputs/bench/ray_results"
     peak_tflops: float = 0.0  # override the GPU peak table
     isolate: bool = False  # also Ray Train + DeepSpeed on an in-memory batch (no Ray Data)
+    # A/B of the fast-path options: each one named adds "DeepSpeed alone" with that train.*
+    # option flipped from its default, interleaved with the rest (AB_OPTIONS)
+    ab: list[str] = field(default_factory=list)
+    decode_device: str = "cpu"  # ours: data.decode_device (cuda: JPEG decode on the GPU)
     shards: list[str] = field(default_factory=list)  # existing tars/dirs/globs: no synthetic
 
     def resolved(self) -> TrainBenchConfig:
@@ -88,6 +101,13 @@ class TrainBenchConfig:
         if out.precision == "auto":
             out.precision = "bf16" if out.use_gpu else "fp32"
         SIZES[self.size]  # noqa: B018 - KeyError on an unknown size, before any work
+        bad = sorted(set(self.ab) - set(AB_OPTIONS))
+        if bad:
+            raise ValueError(f"unknown --ab option(s) {bad}; choose from {list(AB_OPTIONS)}")
+        if self.decode_device not in ("cpu", "cuda"):
+            raise ValueError(f"decode_device must be cpu or cuda, not {self.decode_device!r}")
+        if self.decode_device == "cuda" and not out.use_gpu:
+            raise ValueError("--decode-device cuda needs a GPU (--use-gpu true)")
         return out
 
 
@@ -114,6 +134,7 @@ def train_config(bench: TrainBenchConfig, shards: list[str]):
         f"scaling.use_gpu={str(bench.use_gpu).lower()}",
         f"scaling.cpus_per_worker={bench.cpus_per_worker}",
         f"optim.warmup_steps={min(10, total)}",
+        f"data.decode_device={bench.decode_device}",
         "tracking.enabled=false",
     ]
     cfg = load_config(PGSegPretrainConfig, None, overrides)
@@ -164,13 +185,11 @@ def bench_loop_per_worker(loop_config: dict) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
     comm = CommTimer()
     comm.install()
-    import deepspeed
     import ray.train
 
     from wsss_ray.tasks import build_task
-    from wsss_ray.train.deepspeed_config import deepspeed_config, total_steps, use_bf16
-    from wsss_ray.train.loop import _all_reduce, _prepare, _Window
-    from wsss_ray.train.schedule import schedule_factor
+    from wsss_ray.train.deepspeed_config import total_steps, use_bf16
+    from wsss_ray.train.loop import _all_reduce, _prepare, _Window, build_engine, iter_kwargs
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -179,18 +198,7 @@ def bench_loop_per_worker(loop_config: dict) -> None:
     if cfg.scaling.use_gpu and world > 1:
         task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(task)
     steps = total_steps(cfg)
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(
-        task.param_groups(o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(o, steps))
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=task,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=deepspeed_config(cfg),
-        dist_init_required=False,
-    )
+    engine, _, _ = build_engine(cfg, task, world)
     dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
     cuda = cfg.scaling.use_gpu and torch.cuda.is_available()
 
@@ -210,7 +218,9 @@ def bench_loop_per_worker(loop_config: dict) -> None:
         if synthetic:  # the same uint8 batch forever: Ray Train without Ray Data
             batches = iter(lambda: _uint8_batch(cfg, B), None)
         else:
-            batches = iter(shard.iter_torch_batches(batch_size=B, drop_last=True))
+            batches = iter(
+                shard.iter_torch_batches(batch_size=B, drop_last=True, **iter_kwargs(cfg))
+            )
         while step < steps:
             t0 = time.perf_counter()
             batch = next(batches, None)
@@ -219,7 +229,7 @@ def bench_loop_per_worker(loop_config: dict) -> None:
             batch.pop("skipped", None)
             sync()
             t1 = time.perf_counter()
-            losses, metrics = engine(_prepare(batch, cfg, dtype))
+            losses, metrics = engine(_prepare(batch, cfg, dtype, engine.device))
             total = sum(v for k, v in losses.items() if k.endswith("_loss"))
             sync()
             t2 = time.perf_counter()
@@ -232,12 +242,12 @@ def bench_loop_per_worker(loop_config: dict) -> None:
             engine.module.after_step()
             sync()
             t5 = time.perf_counter()
-            window.add(losses, metrics, float(total.detach()))
+            window.add(losses, metrics, total)
             step += 1
             t6 = time.perf_counter()
             if step % cfg.train.log_every == 0:
-                keys = sorted(window.sums)
-                _all_reduce([window.sums[k] for k in keys])
+                totals, skipped = window.totals()
+                _all_reduce([totals[k] for k in sorted(totals)] + [skipped])
                 ray.train.report({"step": step})
                 window = _Window()
             t7 = time.perf_counter()
@@ -321,6 +331,7 @@ def ours_run(
         tuple(d.decode_actors),
         d.cpus_per_decode_actor,
         context_length,
+        decode_device=d.decode_device,
     )
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
@@ -470,16 +481,22 @@ class PlainLoop:
 
 class DeepSpeedLoop(PlainLoop):
     """The plain loop's in-memory batch through the same DeepSpeed engine as the trainer (this
-    process, world size 1): separates DeepSpeed's cost from Ray Train's and Ray Data's."""
+    process, world size 1, :func:`wsss_ray.train.loop.build_engine`): separates DeepSpeed's cost
+    from Ray Train's and Ray Data's. ``options``: ``train.*`` fast-path options to turn on
+    (e.g. ``{"grad_checkpointing": True}``) for an A/B against the loop without them."""
 
-    def __init__(self, cfg, bench: TrainBenchConfig):
+    def __init__(self, cfg, bench: TrainBenchConfig, options: dict | None = None):
+        import copy
+
+        cfg = copy.deepcopy(cfg)
+        for key, value in (options or {}).items():
+            setattr(cfg.train, key, value)
         super().__init__(cfg, bench)
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if self.cuda else "cpu")
-        import deepspeed
         import torch.distributed as dist
 
-        from wsss_ray.train.deepspeed_config import deepspeed_config, total_steps, use_bf16
-        from wsss_ray.train.schedule import schedule_factor
+        from wsss_ray.train.deepspeed_config import use_bf16
+        from wsss_ray.train.loop import build_engine
 
         if not dist.is_initialized():
             import socket
@@ -497,21 +514,10 @@ class DeepSpeedLoop(PlainLoop):
         from wsss_ray.tasks import build_task
 
         task = build_task(cfg)
-        o = cfg.optim
-        opt = torch.optim.AdamW(
-            task.param_groups(o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
-        )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule_factor(o, total_steps(cfg)))
         had = os.environ.get("LOCAL_RANK")
         os.environ["LOCAL_RANK"] = "0"  # DeepSpeed asks for it; only for this call
         try:
-            self.engine, _, _, _ = deepspeed.initialize(
-                model=task,
-                optimizer=opt,
-                lr_scheduler=sched,
-                config=deepspeed_config(cfg),
-                dist_init_required=False,
-            )
+            self.engine, _, _ = build_engine(cfg, task, world=1)
         finally:
             if had is None:
                 os.environ.pop("LOCAL_RANK", None)
@@ -564,10 +570,14 @@ def run(bench: TrainBenchConfig, out: str | None = None) -> Report:
         )
     )
     cfg = train_config(bench, shards)
+    from wsss_ray.train.deepspeed_config import zero_stage
+
+    stage = zero_stage(cfg, bench.workers)
     say(
         f"PGSeg {bench.size}, {bench.workers} worker(s) x batch {bench.batch}, "
-        f"{bench.precision}, ZeRO-{bench.zero_stage}, {bench.warmup_steps} + {bench.steps} steps "
+        f"{bench.precision}, ZeRO-{stage}, {bench.warmup_steps} + {bench.steps} steps "
         f"per run, {bench.repeats} interleaved rounds of {{plain, DeepSpeed alone, "
+        + "".join(f"DeepSpeed alone with {opt} flipped, " for opt in bench.ab)
         + ("Ray Train in-memory, " if bench.isolate else "")
         + "ours}"
     )
@@ -597,6 +607,23 @@ def run(bench: TrainBenchConfig, out: str | None = None) -> Report:
         return _flatten(s)
 
     runners = {"plain": plain_fn, "deepspeed": deepspeed_fn, "ours": ours_fn}
+    cuda = bool(bench.use_gpu) and torch.cuda.is_available()
+    variants: dict[str, str] = {}  # runner key -> label
+    for opt in bench.ab:
+        if opt in CUDA_ONLY and not cuda:
+            report.notes.append(f"--ab {opt}: skipped, it only acts on CUDA workers")
+            continue
+        flipped = not getattr(cfg.train, opt)
+        key = f"ab_{opt}"
+        variants[key] = f"DeepSpeed alone, train.{opt}={str(flipped).lower()}"
+        loop = DeepSpeedLoop(cfg, bench, {opt: flipped})
+
+        def variant_fn(loop: DeepSpeedLoop = loop, key: str = key) -> dict[str, float]:
+            s = loop.run()
+            raw.setdefault(key, []).append(s)
+            return _flatten(s)
+
+        runners[key] = variant_fn
     if bench.isolate:
 
         def ray_train_fn() -> dict[str, float]:
@@ -604,7 +631,9 @@ def run(bench: TrainBenchConfig, out: str | None = None) -> Report:
             raw.setdefault("ray_train", []).append(s)
             return _flatten(s)
 
-        runners = {"plain": plain_fn, "deepspeed": deepspeed_fn, "ray_train": ray_train_fn}
+        extra = {k: v for k, v in runners.items() if k.startswith("ab_")}
+        runners = {"plain": plain_fn, "deepspeed": deepspeed_fn, **extra}
+        runners["ray_train"] = ray_train_fn
         runners["ours"] = ours_fn
     res = interleave(runners, bench.repeats, 0, log=say)
     ours, base, dsp = res["ours"], res["plain"], res["deepspeed"]
@@ -613,8 +642,9 @@ def run(bench: TrainBenchConfig, out: str | None = None) -> Report:
         "ray_train": f"Ray Train in-memory: x{bench.workers} + DeepSpeed, no Ray Data",
         "deepspeed": "DeepSpeed engine alone: in-memory batch, this process",
         "plain": "plain: torch loop + AdamW, in-memory batch, this process",
+        **{k: f"{v}: in-memory batch, this process" for k, v in variants.items()},
     }
-    paths = [k for k in ("ours", "ray_train", "deepspeed", "plain") if k in res]
+    paths = [k for k in ("ours", "ray_train", "deepspeed", *variants, "plain") if k in res]
     workers = {"ours": bench.workers, "ray_train": bench.workers}
     per_worker = Stat([v / bench.workers for v in ours["samples_per_s"].values])
     rows = []
@@ -662,6 +692,11 @@ def run(bench: TrainBenchConfig, out: str | None = None) -> Report:
                 ratios["ours_over_deepspeed"],
             )
         )
+    for key, label in variants.items():
+        ratios[f"{key}_over_deepspeed"] = paired_ratio(
+            res[key]["samples_per_s"], dsp["samples_per_s"]
+        )
+        ratio_rows.append(stat_row(f"{label} / DeepSpeed alone", ratios[f"{key}_over_deepspeed"]))
     report.table(
         "ratios (median of paired per-round ratios)", ["ratio", "value", "spread"], ratio_rows
     )

@@ -10,6 +10,14 @@ tokenises the caption with open_clip's tokenizer, emitting numeric columns only:
 - ``skipped``: per output batch, the number of input rows that were dropped (in the first row,
   zeros elsewhere); the train loop sums it into the ``data/skipped`` metric.
 
+With ``decode_device="cuda"`` (``data.decode_device``) the actors do not decode: they read the
+JPEG header for the image size, draw the crop box and flip exactly as the CPU path draws them, and
+tokenise, emitting ``jpeg`` (the raw bytes), ``crop`` (B x 4 int64: top, left, height, width),
+``flip`` (B bool), ``text`` and ``skipped``. The train worker iterates with
+:func:`jpeg_collate_fn` and decodes with :func:`decode_crop_batch` (batched nvJPEG through
+``torchvision.io.decode_jpeg(device="cuda")``, crop and antialiased resize on the GPU), so the
+decode leaves the CPU. Non-JPEG images are re-encoded as JPEG by the actor (rare, slow path).
+
 Bad samples (undecodable image, missing or empty caption, the tail of a truncated tar) are
 dropped and counted, never fatal. Ray's reader fails the whole read task on a truncated tar, so
 :class:`TolerantWebDatasetDatasource` stops that shard at the break, keeps what came before and
@@ -26,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 log = logging.getLogger(__name__)
@@ -100,7 +109,8 @@ def _as_bytes(value: Any) -> bytes | None:
 
 
 class ImageTextDecoder:
-    """``map_batches`` callable (one per actor): raw WebDataset rows -> numeric columns."""
+    """``map_batches`` callable (one per actor): raw WebDataset rows -> numeric columns
+    (``decode_on_worker``: the GPU-decode columns instead, see the module docstring)."""
 
     def __init__(
         self,
@@ -111,6 +121,7 @@ class ImageTextDecoder:
         seed: int | None = None,
         context_length: int | None = None,
         skip_counter: str | None = None,
+        decode_on_worker: bool = False,
     ):
         from torchvision.transforms import v2
 
@@ -119,26 +130,59 @@ class ImageTextDecoder:
 
         self.tokenizer = tokenizer(tokenizer_name, context_length)
         self.image_size = image_size
-        ops: list[Any] = [v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True)]
+        self.crop = v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True)
+        ops: list[Any] = [self.crop]
+        self.hflip = hflip
         if hflip:
             ops.append(v2.RandomHorizontalFlip())
         self.transform = v2.Compose(ops)
+        self.decode_on_worker = decode_on_worker
         if seed is not None:
             torch.manual_seed(seed)
         self.skips = SkipReporter(skip_counter)
 
+    def _draw(self, height: int, width: int) -> tuple[int, int, int, int, bool]:
+        """(top, left, crop height, crop width, flip): the random calls of
+        ``v2.Compose([RandomResizedCrop, RandomHorizontalFlip])`` on an image of this size, in
+        the same order, so both decode paths draw the same augmentation from the same seed."""
+        shape = torch.zeros(1, 1, 1, dtype=torch.uint8).expand(3, height, width)
+        p = self.crop.make_params([shape])
+        flip = bool(self.hflip and torch.rand(1) < 0.5)
+        return p["top"], p["left"], p["height"], p["width"], flip
+
     def _image(self, raw: bytes) -> np.ndarray:
+        """JPEG bytes -> the H x W x 3 uint8 crop, contiguous. Bit-identical to ``self.transform``
+        on the decoded image, but the crop is resized in channels-last layout: the result is
+        already H x W x 3 in memory, so stacking a batch is a plain copy (not a transpose)."""
         with Image.open(io.BytesIO(raw)) as im:
             im.draft("RGB", (self.image_size, self.image_size))  # DCT-domain downscale: cheap
-            rgb = im.convert("RGB")
-        t = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)  # 3 x H x W uint8
-        return self.transform(t).permute(1, 2, 0).numpy()  # H x W x 3
+            rgb = np.asarray(im.convert("RGB"))  # H x W x 3, read-only view
+        top, left, h, w, flip = self._draw(*rgb.shape[:2])
+        region = rgb[top : top + h, left : left + w].copy()  # the crop's pixels, writable
+        x = torch.from_numpy(region).unsqueeze(0).permute(0, 3, 1, 2)  # 1 x 3 x h x w, NHWC
+        size = (self.image_size, self.image_size)
+        y = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+        if flip:
+            y = y.flip(-1)
+        return y.permute(1, 2, 0).numpy()  # H x W x 3, contiguous
+
+    def _params(self, raw: bytes) -> tuple[bytes, list[int], bool]:
+        """GPU decode: (JPEG bytes, crop box, flip) without decoding; the crop box and the flip
+        are drawn as in :meth:`_image`."""
+        with Image.open(io.BytesIO(raw)) as im:
+            width, height = im.size
+            if im.format != "JPEG":  # nvJPEG reads JPEG only: re-encode (rare)
+                buf = io.BytesIO()
+                im.convert("RGB").save(buf, format="JPEG", quality=95)
+                raw = buf.getvalue()
+        top, left, h, w, flip = self._draw(height, width)
+        return raw, [top, left, h, w], flip
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["__key__"])
         jpgs = batch.get("jpg", [None] * n)
         txts = batch.get("txt", [None] * n)
-        images, captions = [], []
+        images, captions, boxes, flips = [], [], [], []
         for raw_img, raw_txt in zip(jpgs, txts):
             img_bytes, txt_bytes = _as_bytes(raw_img), _as_bytes(raw_txt)
             if img_bytes is None or txt_bytes is None:
@@ -147,22 +191,40 @@ class ImageTextDecoder:
             if not caption:
                 continue
             try:
-                images.append(self._image(img_bytes))
+                if self.decode_on_worker:
+                    jpeg, box, flip = self._params(img_bytes)
+                    images.append(jpeg)
+                    boxes.append(box)
+                    flips.append(flip)
+                else:
+                    images.append(self._image(img_bytes))
             except Exception:  # noqa: BLE001 - any undecodable image is skipped and counted
                 continue
             captions.append(caption)
         kept = len(images)
         self.skips.add(n - kept)
         skipped = np.zeros(kept, np.int64)
+        ctx = getattr(self.tokenizer, "context_length", 77)
         if kept:
             skipped[0] = n - kept
             tokens = self.tokenizer(captions).numpy().astype(np.int64)
-            image_arr = np.stack(images)
         else:
             if n:
                 log.warning("a whole batch of %d samples was undecodable", n)
-            ctx = getattr(self.tokenizer, "context_length", 77)
             tokens = np.zeros((0, ctx), np.int64)
+        if self.decode_on_worker:
+            jpeg_arr = np.empty(kept, dtype=object)
+            jpeg_arr[:] = images
+            return {
+                "jpeg": jpeg_arr,
+                "crop": np.asarray(boxes, np.int64).reshape(kept, 4),
+                "flip": np.asarray(flips, bool),
+                "text": tokens,
+                "skipped": skipped,
+            }
+        if kept:
+            image_arr = np.stack(images)
+        else:
             image_arr = np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
         return {"image": image_arr, "text": tokens, "skipped": skipped}
 
@@ -178,11 +240,15 @@ def image_text_dataset(
     cpus_per_actor: float = 1.0,
     context_length: int | None = None,
     skip_counter: str | None = None,
+    decode_device: str = "cpu",
 ):
     """The training dataset: tolerant read -> decode/crop/tokenize on a CPU actor pool
-    (``skip_counter``: the name from :func:`wsss_ray.data.skips.start_skip_counter`)."""
+    (``skip_counter``: the name from :func:`wsss_ray.data.skips.start_skip_counter`;
+    ``decode_device="cuda"``: the actors only parse, the train worker decodes on its GPU)."""
     from ray.data import ActorPoolStrategy
 
+    if decode_device not in ("cpu", "cuda"):
+        raise ValueError(f"decode_device must be cpu or cuda, not {decode_device!r}")
     ds = read_shards(paths)
     return ds.map_batches(
         ImageTextDecoder,
@@ -193,12 +259,60 @@ def image_text_dataset(
             "hflip": hflip,
             "context_length": context_length,
             "skip_counter": skip_counter,
+            "decode_on_worker": decode_device == "cuda",
         },
         batch_size=batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(min_size=actors[0], max_size=actors[1]),
         num_cpus=cpus_per_actor,
     )
+
+
+# ------------------------------------------------------------- decoding on the train worker
+def jpeg_collate_fn():
+    """``iter_torch_batches(collate_fn=...)`` for the GPU-decode columns: ``jpeg`` becomes a list
+    of uint8 CPU tensors (variable length), the other columns CPU tensors; the loop's
+    ``_prepare`` decodes and moves them (Ray moves only plain tensor dicts to the device)."""
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class JpegCollate(NumpyBatchCollateFn):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+            out: dict[str, Any] = {
+                k: torch.as_tensor(np.ascontiguousarray(v)) for k, v in batch.items() if k != "jpeg"
+            }
+            out["jpeg"] = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in batch["jpeg"]]
+            return out
+
+    return JpegCollate()
+
+
+def decode_crop_batch(
+    jpegs: list[torch.Tensor],
+    crops_B4: torch.Tensor,
+    flips_B: torch.Tensor,
+    image_size: int,
+    device: torch.device | str = "cuda",
+) -> torch.Tensor:
+    """JPEG bytes -> uint8 B x S x S x 3 crops on ``device`` (what the CPU actors deliver):
+    ``torchvision.io.decode_jpeg`` (batched nvJPEG on CUDA, libjpeg-turbo on CPU), then per image
+    the crop box, an antialiased bilinear resize to ``image_size`` and the flip."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import functional as TF
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        decoded = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+    else:
+        decoded = [decode_jpeg(j, mode=ImageReadMode.RGB) for j in jpegs]
+    boxes = crops_B4.tolist()  # B x 4 ints on the host: one small copy
+    flips = flips_B.tolist()
+    out = torch.empty(len(decoded), image_size, image_size, 3, dtype=torch.uint8, device=device)
+    for b, (img, (top, left, h, w), flip) in enumerate(zip(decoded, boxes, flips)):
+        crop = TF.resized_crop(img, top, left, h, w, [image_size, image_size], antialias=True)
+        if flip:
+            crop = crop.flip(-1)
+        out[b] = crop.permute(1, 2, 0)
+    return out
 
 
 def normalize_images(

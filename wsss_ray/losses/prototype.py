@@ -38,7 +38,7 @@ class PrototypeLoss(nn.Module):
         self.phi, self.max_scale, self.reference_column0 = phi, max_scale, reference_column0
 
     def forward(self, groups_BKC: torch.Tensor, matched_BKC: torch.Tensor):
-        """Returns (loss, fraction of pairs kept)."""
+        """Returns (loss, fraction of pairs kept as a detached 0-d tensor: no host sync)."""
         g = F.normalize(groups_BKC.float(), dim=-1)
         p = F.normalize(matched_BKC.detach().float(), dim=-1)
         cos = g @ p.transpose(1, 2)  # B x K x K
@@ -52,4 +52,4 @@ class PrototypeLoss(nn.Module):
         )
         w = keep.reshape(-1).float()
         loss = ((per_group + per_proto) * w).sum() / w.sum().clamp_min(1.0)
-        return loss, float(w.mean())
+        return loss, w.mean().detach()

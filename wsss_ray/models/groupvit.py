@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from wsss_ray.ops.gmm import EMPrototypes
 
@@ -185,6 +186,7 @@ class GroupingLayer(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(AttnBlock(dim, heads, drop_path=d) for d in drop_path)
         self.num_group = num_group
+        self.grad_checkpointing = False  # set through GroupViT.grad_checkpointing
         self.downsample = None
         if num_group > 0:
             self.group_token = nn.Parameter(torch.zeros(1, num_group, dim))
@@ -199,12 +201,18 @@ class GroupingLayer(nn.Module):
             self.em = EMPrototypes(num_group, dim, npr["iters"], npr["momentum"], npr["ema"])
             self.recon = Mlp(dim, npr["hidden"], dim) if npr["enabled"] else None
 
+    def _blocks(self, x):
+        """The transformer blocks; with ``grad_checkpointing`` (training) each block's
+        activations are recomputed in the backward instead of kept."""
+        ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for blk in self.blocks:
+            x = checkpoint(blk, x, use_reentrant=False) if ckpt else blk(x)
+        return x
+
     def forward(self, x, prev_groups=None):
         out: dict = {}
         if self.downsample is None:
-            for blk in self.blocks:
-                x = blk(x)
-            return x, None, out
+            return self._blocks(x), None, out
         protos = z = None
         if self.recon is not None:
             protos, z = self.em(x)  # on the stage's input tokens, no gradient
@@ -213,8 +221,7 @@ class GroupingLayer(nn.Module):
             groups = groups + self.group_projector(prev_groups)
         n = x.shape[1]
         xg = torch.cat([x, groups], dim=1)
-        for blk in self.blocks:
-            xg = blk(xg)
+        xg = self._blocks(xg)
         x, groups = xg[:, :n], xg[:, n:]
         if self.recon is not None:
             x = x + self.recon((z @ protos).to(x.dtype))  # reconstruction X_hat = Z mu
@@ -267,6 +274,16 @@ class GroupViT(nn.Module):
             start, prev = start + depth, group_tokens[i]
         self.norm = nn.LayerNorm(dim)
         self.apply(_init)
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        """Activation checkpointing of every stage's transformer blocks (training only)."""
+        return any(layer.grad_checkpointing for layer in self.layers)
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, on: bool) -> None:
+        for layer in self.layers:
+            layer.grad_checkpointing = bool(on)
 
     def interpolate_pos(self, h: int, w: int) -> torch.Tensor:
         if h == w == self.grid:

@@ -25,7 +25,8 @@ class ClipTask(Task):
         image_BD = self.model.encode_image(batch["image"])
         text_BD = self.model.encode_text(batch["text"])
         loss = self.loss(image_BD.float(), text_BD.float(), self.model.logit_scale.float())
-        scale = float(self.model.logit_scale.detach().exp().clamp(max=self.loss.max_logit_scale))
+        # a detached 0-d tensor: the loop converts all metrics with one host sync per report
+        scale = self.model.logit_scale.detach().exp().clamp(max=self.loss.max_logit_scale)[0]
         return {"contrastive_loss": loss}, {"logit_scale": scale}
 
     @torch.no_grad()

@@ -6,7 +6,14 @@ Per grouping stage, the group tokens G (after the pre-assignment cross-attention
 are Hungarian-matched to that stage's EM prototypes and pulled towards them by L_PG with hard
 rejection; text prototypes (``npr.text_mode``) are matched to the stage-2 group tokens.
 Metrics: every loss term (unweighted as ``*_raw``), the fraction of pairs kept by hard rejection,
-and group-token usage (the fraction of group tokens that receive at least one token).
+and group-token usage (the fraction of group tokens that receive at least one token). Metrics are
+detached 0-d tensors on the model's device (no host sync); the loop converts them at report time.
+
+The Hungarian matchings are started as soon as their inputs exist (each image stage's right after
+the image encoder, the text side's after the text prototypes) with
+:func:`~wsss_ray.ops.matching.hungarian_match_async` and collected last, so on a GPU the scipy
+solves overlap the text encoder and the contrastive loss. The permutations are the same as the
+synchronous :func:`~wsss_ray.ops.matching.hungarian_match` (``overlap_matching=False``).
 """
 
 from __future__ import annotations
@@ -17,7 +24,12 @@ from wsss_ray.config import PGSegPretrainConfig
 from wsss_ray.losses.contrastive import GatheredContrastiveLoss
 from wsss_ray.losses.prototype import PrototypeLoss
 from wsss_ray.models.pgseg import PGSeg, load_groupvit_checkpoint
-from wsss_ray.ops.matching import gather_matched, hungarian_match
+from wsss_ray.ops.matching import (
+    PendingMatch,
+    gather_matched,
+    hungarian_match,
+    hungarian_match_async,
+)
 from wsss_ray.tasks.base import Task
 
 
@@ -53,32 +65,49 @@ class PGSegTask(Task):
         self.weights = cfg.loss
         self.maximize = cfg.match.maximize
         self.npr_enabled = n.enabled
+        #: start the matchings early and collect them last (same result as synchronous)
+        self.overlap_matching = True
 
-    def _pg(self, i: int, groups, protos):
-        perm = hungarian_match(groups.detach(), protos, maximize=self.maximize)
+    def _start_match(self, groups: torch.Tensor, protos: torch.Tensor) -> PendingMatch | None:
+        if not self.overlap_matching:
+            return None
+        return hungarian_match_async(groups.detach(), protos, maximize=self.maximize)
+
+    def _pg(self, i: int, groups, protos, pending: PendingMatch | None = None):
+        if pending is None:
+            perm = hungarian_match(groups.detach(), protos, maximize=self.maximize)
+        else:
+            perm = pending.result()
         return self.pg_losses[i](groups, gather_matched(protos.to(groups.dtype), perm))
 
     def training_forward(self, batch):
         image = self.model.encode_image(batch["image"])
+        stages = image["stages"]
+        pending: list[PendingMatch | None] = []
+        if self.npr_enabled:  # the image stages' matchings run while the text side is queued
+            pending = [self._start_match(s["groups"], s["protos"]) for s in stages]
         text = self.model.encode_text(batch["text"])
+        text_protos = self.model.text_prototypes(text, batch["text"])
+        text_pending = None
+        if text_protos is not None:
+            text_pending = self._start_match(stages[-1]["groups"], text_protos)
         w = self.weights
         it = self.it_loss(
             image["embed"].float(), text["embed"].float(), self.model.logit_scale.float()
         )
         losses = {"it_loss": w.it * it}
-        metrics = {"it_raw": float(it.detach())}
-        for s, stage in enumerate(image["stages"], start=1):
+        metrics: dict[str, torch.Tensor] = {"it_raw": it.detach()}
+        for s, stage in enumerate(stages, start=1):
             hard = stage["attn_hard"]  # B x K x N, one-hot over K
-            metrics[f"group_usage_{s}"] = float((hard.sum(-1) > 0).float().mean())
+            metrics[f"group_usage_{s}"] = (hard.detach().sum(-1) > 0).float().mean()
             if self.npr_enabled:
-                loss, kept = self._pg(s - 1, stage["groups"], stage["protos"])
+                loss, kept = self._pg(s - 1, stage["groups"], stage["protos"], pending[s - 1])
                 losses[f"pg{s}_loss"] = w.pg * loss
-                metrics[f"pg{s}_raw"], metrics[f"hrs_kept_{s}"] = float(loss.detach()), kept
-        text_protos = self.model.text_prototypes(text, batch["text"])
+                metrics[f"pg{s}_raw"], metrics[f"hrs_kept_{s}"] = loss.detach(), kept
         if text_protos is not None:
-            loss, kept = self._pg(len(image["stages"]), image["stages"][-1]["groups"], text_protos)
+            loss, kept = self._pg(len(stages), stages[-1]["groups"], text_protos, text_pending)
             losses["pg_text_loss"] = w.pg_text * loss
-            metrics["pg_text_raw"], metrics["hrs_kept_text"] = float(loss.detach()), kept
+            metrics["pg_text_raw"], metrics["hrs_kept_text"] = loss.detach(), kept
         return losses, metrics
 
     @torch.no_grad()

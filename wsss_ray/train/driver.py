@@ -95,6 +95,7 @@ def build_datasets(
             d.cpus_per_decode_actor,
             context_length,
             skip_counter,
+            decode_device=d.decode_device,
         )
         return {"train": train}
     raise ValueError(f"no dataset builder for task '{cfg.task}'")

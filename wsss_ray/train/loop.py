@@ -10,6 +10,13 @@ A restart resumes from ``ray.train.get_checkpoint()`` at the saved optimizer ste
 Non-finite losses: the decision is all-reduced so every rank skips the same step; ``max_nonfinite``
 in a row stops the run cleanly with a message (restarting would only hit the same batch again).
 
+The fast path (docs/PERFORMANCE.md): one host sync per step (the non-finite check; metrics stay
+detached device tensors until :class:`_Window` converts them at report time with one
+``stack().tolist()``), and the ``train.*`` options applied by :func:`build_engine`: activation
+checkpointing, ``torch.compile`` of the encoders, TF32 and fused AdamW on CUDA, ZeRO stage 0 for
+one fp32 worker. With ``data.decode_device=cuda`` the batches carry JPEG bytes and ``_prepare``
+decodes them on the worker's GPU.
+
 Ray Data cannot resume a streaming read mid-epoch, so the data position is recorded (samples
 seen, epoch) but not replayed; shards are reshuffled on every pass instead.
 """
@@ -28,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from wsss_ray.data.webdataset import normalize_images
+from wsss_ray.data.webdataset import decode_crop_batch, jpeg_collate_fn, normalize_images
 from wsss_ray.eval.checkpoint import CKPT_TAG
 from wsss_ray.tasks import build_task
 from wsss_ray.tracking import Tracker
@@ -81,37 +88,174 @@ class NonFiniteGuard:
         return ""
 
 
+def _decode_device(cfg: Any) -> str:
+    """``data.decode_device`` of image-text tasks; other tasks' data configs decode on CPU."""
+    return getattr(cfg.data, "decode_device", "cpu")
+
+
 class _Window:
-    """Sums over the steps since the last report (loss terms, metrics, timing)."""
+    """Sums over the steps since the last report (loss terms, metrics, timing). Tensor values
+    are summed on their device (detached, float64: the same sums as adding their ``float()``s)
+    and read back once, in :meth:`totals`; plain floats are summed on the host."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = defaultdict(float)
+        self.device_sums: dict[str, torch.Tensor] = {}
+        self.skipped: torch.Tensor | int = 0
         self.steps = 0
         self.samples = 0
         self.data_wait = 0.0
         self.start = time.perf_counter()
 
-    def add(self, losses: dict[str, torch.Tensor], metrics: dict[str, float], total: float) -> None:
+    def _add(self, key: str, value: torch.Tensor | float) -> None:
+        if isinstance(value, torch.Tensor):
+            v = value.detach().reshape(()).to(torch.float64)
+            prev = self.device_sums.get(key)
+            self.device_sums[key] = v if prev is None else prev + v
+        else:
+            self.sums[key] += float(value)
+
+    def add(
+        self,
+        losses: dict[str, torch.Tensor],
+        metrics: dict[str, torch.Tensor | float],
+        total: torch.Tensor | float,
+    ) -> None:
         for k, v in losses.items():
-            self.sums[k] += float(v.detach())
+            self._add(k, v)
         for k, v in metrics.items():
-            self.sums[k] += float(v)
-        self.sums["loss"] += total
+            self._add(k, v)
+        self._add("loss", total)
         self.steps += 1
 
+    def add_skipped(self, skipped: torch.Tensor) -> None:
+        """The decoders' per-batch drop counts (summed on their device, read at report time)."""
+        self.skipped = self.skipped + skipped.detach().sum()
 
-def _prepare(batch: dict[str, torch.Tensor], cfg: Any, dtype: torch.dtype) -> dict:
+    def totals(self) -> tuple[dict[str, float], int]:
+        """(every sum as a float, skipped rows): one device-to-host copy for all of them."""
+        out = dict(self.sums)
+        keys = list(self.device_sums)
+        tensors = [self.device_sums[k] for k in keys]
+        skipped_t = isinstance(self.skipped, torch.Tensor)
+        if skipped_t:
+            tensors.append(self.skipped.to(torch.float64).reshape(()))
+        if tensors:
+            devices = {t.device for t in tensors}
+            if len(devices) > 1:
+                tensors = [t.cpu() for t in tensors]
+            values = torch.stack(tensors).tolist()
+            for k, v in zip(keys, values):
+                out[k] = out.get(k, 0.0) + v
+        skipped = int(round(values[-1])) if skipped_t else int(self.skipped)
+        return out, skipped
+
+
+def _prepare(
+    batch: dict[str, Any], cfg: Any, dtype: torch.dtype, device: torch.device | None = None
+) -> dict:
+    """The task's batch: images normalised to ``dtype``; with GPU decode (``jpeg`` column), the
+    JPEGs decoded, cropped and flipped on ``device`` first, every tensor moved there."""
     out = dict(batch)
+    if "jpeg" in out:
+        dev = device or torch.device("cpu")
+        jpegs, crop, flip = out.pop("jpeg"), out.pop("crop"), out.pop("flip")
+        out = {k: v.to(dev, non_blocking=True) for k, v in out.items()}
+        out["image"] = decode_crop_batch(jpegs, crop, flip, cfg.data.image_size, dev)
     img = out.get("image")
     if img is not None and img.dtype == torch.uint8:
         out["image"] = normalize_images(img, cfg.data.mean, cfg.data.std, dtype)
     return out
 
 
+def compile_works(device: str = "cpu") -> str:
+    """'' when ``torch.compile`` (inductor) can build a kernel here, else why not (e.g. no C++
+    compiler on a CPU host)."""
+    try:
+        fn = torch.compile(lambda x: torch.sin(x) + 1, dynamic=False)
+        fn(torch.ones(4, device=device))
+    except Exception as err:  # noqa: BLE001 - any failure means: stay eager
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return ""
+
+
+def apply_fast_path(task: torch.nn.Module, cfg: Any, log: Any = say) -> dict[str, bool]:
+    """The ``train.*`` fast-path options that act on the task before ``deepspeed.initialize``:
+    activation checkpointing of the transformer blocks, TF32 (CUDA only) and ``torch.compile``
+    of the image and text encoders (in place: checkpoint keys do not change; eager with a
+    message when inductor cannot compile here). Returns what was applied."""
+    t = cfg.train
+    cuda = bool(cfg.scaling.use_gpu) and torch.cuda.is_available()
+    model = getattr(task, "model", None)
+    encoders = [getattr(model, n, None) for n in ("img_encoder", "text_encoder")]
+    encoders = [e for e in encoders if isinstance(e, torch.nn.Module)]
+    applied = {"grad_checkpointing": False, "tf32": False, "compile": False}
+    if t.grad_checkpointing:
+        for enc in encoders:
+            if hasattr(type(enc), "grad_checkpointing"):  # GroupViT
+                enc.grad_checkpointing = True
+            elif hasattr(enc, "set_grad_checkpointing"):  # open_clip's text transformer
+                enc.set_grad_checkpointing(True)
+            else:
+                continue
+            applied["grad_checkpointing"] = True
+        if not applied["grad_checkpointing"]:
+            log(f"[wsss_ray] train.grad_checkpointing: task '{cfg.task}' has no encoder for it")
+    if t.tf32 and cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        applied["tf32"] = True
+    if t.compile:
+        why = compile_works("cuda" if cuda else "cpu")
+        if why:
+            log(f"[wsss_ray] train.compile: torch.compile does not work here ({why}); eager")
+        elif encoders:
+            for enc in encoders:
+                enc.compile(dynamic=False)
+            applied["compile"] = True
+    return applied
+
+
+def build_engine(cfg: Any, task: torch.nn.Module, world: int = 1) -> tuple[Any, Any, Any]:
+    """``(engine, optimizer, scheduler)``: the fast-path options, torch AdamW (fused on CUDA
+    with ``train.fused_adamw``), the warm-up + decay schedule and ``deepspeed.initialize`` with
+    :func:`~wsss_ray.train.deepspeed_config.deepspeed_config` for ``world`` workers. Shared by
+    the loop and ``wsss_ray.bench.train``; ``torch.distributed`` must be initialised."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
+    import deepspeed
+
+    apply_fast_path(task, cfg)
+    o = cfg.optim
+    cuda = bool(cfg.scaling.use_gpu) and torch.cuda.is_available()
+    fused = {"fused": True} if cuda and cfg.train.fused_adamw else {}
+    optimizer = torch.optim.AdamW(
+        task.param_groups(o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, **fused
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(o, total_steps(cfg)))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=task,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, world),
+        dist_init_required=False,
+    )
+    return engine, optimizer, scheduler
+
+
+def iter_kwargs(cfg: Any) -> dict[str, Any]:
+    """``iter_torch_batches`` arguments that depend on the data options (GPU decode: the
+    collate that keeps JPEG bytes; GPU workers: pinned host memory, deeper prefetch)."""
+    out: dict[str, Any] = {}
+    if _decode_device(cfg) == "cuda":
+        out["collate_fn"] = jpeg_collate_fn()
+    if cfg.scaling.use_gpu:
+        out.update(prefetch_batches=4, pin_memory=True)
+    return out
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = loop_config["cfg"]
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
-    import deepspeed  # inside the worker: it picks its accelerator at import time
     import ray.train
     from ray.train import Checkpoint
 
@@ -125,18 +269,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.train.seed + 1009 * rank)  # independent noise per rank
 
     steps = total_steps(cfg)
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(
-        task.param_groups(o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(o, steps))
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=task,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=deepspeed_config(cfg),
-        dist_init_required=False,
-    )
+    if _decode_device(cfg) == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("data.decode_device=cuda: this train worker has no CUDA device")
+    engine, optimizer, scheduler = build_engine(cfg, task, world)
     dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
 
     state = {"samples": 0, "skipped": 0, "nonfinite": 0, "epoch": 0}
@@ -189,9 +324,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     def report(step: int, with_checkpoint: bool, evaluate: bool = False) -> None:
         nonlocal window, last_ckpt
-        keys = sorted(window.sums)
-        sums = _all_reduce([window.sums[k] for k in keys] + [state["skipped_local"]])
-        state["skipped_local"] = 0
+        totals, skipped_local = window.totals()  # the window's one device-to-host copy
+        keys = sorted(totals)
+        sums = _all_reduce([totals[k] for k in keys] + [skipped_local])
         if counter and is_main:  # exact: every decoder's skips, whatever rows were dropped
             state["skipped"] = skipped_base + read_skips(counter) - skipped_offset
         elif not counter:
@@ -239,8 +374,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             )
         window = _Window()
 
-    state["skipped_local"] = 0
     step = start_step
+    warned_decode = False
     while step < steps and not stop_reason:
         got_batch = False
         t_wait = time.perf_counter()
@@ -248,12 +383,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
             batch_size=B,
             drop_last=True,
             local_shuffle_buffer_size=cfg.data.local_shuffle_buffer or None,
+            **iter_kwargs(cfg),
         ):
             got_batch = True
             window.data_wait += time.perf_counter() - t_wait
             if "skipped" in batch:
-                state["skipped_local"] += int(batch.pop("skipped").sum())
-            losses, metrics = engine(_prepare(batch, cfg, dtype))
+                window.add_skipped(batch.pop("skipped"))
+            if _decode_device(cfg) == "cuda" and "jpeg" not in batch and not warned_decode:
+                warned_decode = True
+                say("[wsss_ray] data.decode_device=cuda but the dataset decodes on CPU actors")
+            losses, metrics = engine(_prepare(batch, cfg, dtype, engine.device))
             total = sum(v for k, v in losses.items() if k.endswith("_loss"))
             finite = _all_reduce([float(torch.isfinite(total.detach()).all())], "min")[0] > 0
             stop_reason = guard.update(finite, step)
@@ -269,7 +408,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             engine.step()
             state["samples"] += B * world
             window.samples += B
-            window.add(losses, metrics, float(total.detach()))
+            window.add(losses, metrics, total)  # detached device tensors: no sync
             if engine.global_steps != step:  # an optimizer step happened (accumulation boundary)
                 step = engine.global_steps
                 engine.module.after_step()
