@@ -11,6 +11,7 @@ similarities are copied to pinned host memory without blocking, a background thr
 the copy and solves while the caller keeps queueing GPU work, and ``result()`` returns the
 permutation on the device (copied without blocking). On CPU tensors it solves at once and equals
 :func:`hungarian_match`, which stays synchronous (the copy to the host waits for the device).
+``wsss_ray.tasks.pgseg`` starts its matchings this way as soon as their inputs exist.
 
 ``maximize=True`` pairs each group with its most similar prototype. The reference code forgot
 ``maximize=True`` and so pairs the *least* similar ones; ``maximize=False`` reproduces it.
