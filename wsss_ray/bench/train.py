@@ -316,23 +316,10 @@ def ours_run(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from wsss_ray.data.webdataset import image_text_dataset
-    from wsss_ray.tasks import tokenizer_spec
+    from wsss_ray.train.driver import build_datasets
 
-    d, s = cfg.data, cfg.scaling
-    name, context_length = tokenizer_spec(cfg)
-    dataset = image_text_dataset(
-        shards,
-        name,
-        d.image_size,
-        tuple(d.crop_scale),
-        d.hflip,
-        d.decode_batch_size,
-        tuple(d.decode_actors),
-        d.cpus_per_decode_actor,
-        context_length,
-        decode_device=d.decode_device,
-    )
+    s = cfg.scaling
+    dataset = build_datasets(cfg, shards)["train"]  # the very pipeline a training run builds
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
         resources["GPU"] = 1
