@@ -194,21 +194,28 @@ def build_trainer(
     )
 
 
+def open_tracker(cfg: TrainJobConfig, setup: TrainSetup, resume: bool = True) -> Tracker:
+    """The run's MLflow run (reused when ``resume`` and the name exists in storage), or a
+    tracker that records nothing when ``tracking.enabled`` is false."""
+    if not cfg.tracking.enabled:
+        return Tracker(setup.uri, None)
+    return Tracker.open_run(
+        setup.uri,
+        cfg.tracking.experiment,
+        cfg.run.name,
+        setup.storage,
+        to_flat_dict(cfg),
+        str(setup.config_file),
+        local_artifact_location(setup.uri, str(setup.out)),
+        resume=resume,
+    )
+
+
 def run(cfg: TrainJobConfig) -> RunSummary:
     """Fit the task named by ``cfg.task``; resumes when the run name exists in storage."""
     setup = prepare(cfg)
     init_ray(cfg)
-    tracker = Tracker(setup.uri, None)
-    if cfg.tracking.enabled:
-        tracker = Tracker.open_run(
-            setup.uri,
-            cfg.tracking.experiment,
-            cfg.run.name,
-            setup.storage,
-            to_flat_dict(cfg),
-            str(setup.config_file),
-            local_artifact_location(setup.uri, str(setup.out)),
-        )
+    tracker = open_tracker(cfg, setup)
     trainer = build_trainer(cfg, setup, tracker.run_id)
     try:
         result = trainer.fit()

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsss_ray.config import load_config, to_flat_dict
+from wsss_ray.config import load_config
 from wsss_ray.tune.spec import METHODS, override
 
 PG_NAMESPACE = "wsss_ray_sweeps"  # Ray internal KV: trial id -> its Train placement group
@@ -100,26 +100,19 @@ def train_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from wsss_ray.config import prototypes_path
-    from wsss_ray.tracking import Tracker, local_artifact_location
-    from wsss_ray.train.driver import build_trainer, prepare
+    from wsss_ray.tracking import Tracker
+    from wsss_ray.train.driver import build_trainer, open_tracker, prepare
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(ctx, config, trial_run_name(ctx.sweep, trial_id))
     if cfg.task == "vpl_seg" and cfg.rsc.weight > 0:  # as jobs/train_vpl.py: absolute for workers
         cfg.phase1.prototypes = str(prototypes_path(cfg).resolve())
     setup = prepare(cfg)
-    tracker = Tracker(setup.uri, None)
-    if ctx.parent_run_id and cfg.tracking.enabled:
-        tracker = Tracker.open_run(
-            setup.uri,
-            cfg.tracking.experiment,
-            cfg.run.name,
-            setup.storage,
-            to_flat_dict(cfg),
-            str(setup.config_file),
-            local_artifact_location(setup.uri, str(setup.out)),
-            resume=False,
-        )
+    if ctx.parent_run_id:  # a child of the sweep's MLflow run, never a resumed one
+        tracker = open_tracker(cfg, setup, resume=False)
+    else:
+        tracker = Tracker(setup.uri, None)
+    if tracker.run_id:
         for key, value in {
             PARENT_TAG: ctx.parent_run_id,
             SWEEP_TAG: ctx.sweep,
