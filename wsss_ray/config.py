@@ -64,6 +64,11 @@ class DataConfig:
     decode_device: str = _f(
         "cpu", "cpu (decode actors decode) | cuda (actors parse, train workers decode on GPU)"
     )
+    reader: str = _f(
+        "fused",
+        "fused (each decode actor reads its own tars; parallelism <= number of shards) | "
+        "read_webdataset (read tasks pass raw bytes to the decode actors)",
+    )
 
 
 @dataclass
@@ -227,9 +232,16 @@ class PGSegEvalConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
 
+#: the named sizes of ``wsss_ray.models.pgseg.SIZES`` (kept here so configs validate without
+#: importing torch; a unit test keeps the two in step)
+PGSEG_SIZES = ("vit_s", "tiny", "tiny_seg")
+
+
 @dataclass
 class PGSegModelConfig:
-    size: str = _f("tiny", "named size: vit_s (the paper's ViT-S) | tiny (CPU)")
+    size: str = _f(
+        "tiny", "named size: vit_s (the paper's ViT-S) | tiny (CPU) | tiny_seg (CPU, one stage)"
+    )
     pretrained: str = _f("", "GroupViT/PGSeg checkpoint to start from ('' = random init)")
     gumbel_tau: float = _f(1.0, "Gumbel temperature of the hard assignment (training only)")
     gumbel_noise: bool = _f(
@@ -527,6 +539,7 @@ def validate(cfg: Any) -> None:
     if isinstance(cfg, TrainJobConfig) and isinstance(cfg.data, DataConfig):
         d = cfg.data
         need(d.decode_device in ("cpu", "cuda"), "data.decode_device", "cpu | cuda")
+        need(d.reader in ("fused", "read_webdataset"), "data.reader", "fused | read_webdataset")
         need(
             d.decode_device == "cpu" or cfg.scaling.use_gpu,
             "data.decode_device",
@@ -606,6 +619,12 @@ def validate(cfg: Any) -> None:
             os.path.exists(cfg.model.checkpoint),
             "model.checkpoint",
             f"no such file or folder: {cfg.model.checkpoint}",
+        )
+    if isinstance(cfg, PGSegPretrainConfig | PGSegEvalConfig):
+        need(
+            cfg.model.size in PGSEG_SIZES,
+            "model.size",
+            f"unknown PGSeg size {cfg.model.size!r} (known: {' | '.join(PGSEG_SIZES)})",
         )
     if isinstance(cfg, PGSegPretrainConfig):
         need(cfg.eval.every >= 0, "eval.every", "must be >= 0")

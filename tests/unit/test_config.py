@@ -176,3 +176,14 @@ def test_vpl_config_errors_name_the_key(tmp_path):
             load_config(VPLConfig, f"configs/vpl/{name}.yaml", [f"data.root={tmp_path}"])
     cfg = load_config(VPLConfig, "configs/vpl/tiny.yaml", [f"clip.weights={w}"])
     assert cfg.clip.name == "wsss-tiny" and cfg.cam.refine_layers == 4
+
+
+def test_pgseg_size_is_validated_before_any_cluster_work():
+    from wsss_ray.config import PGSEG_SIZES
+    from wsss_ray.models.pgseg import SIZES
+
+    assert set(PGSEG_SIZES) == set(SIZES)
+    with pytest.raises(ConfigError, match="model.size.*tiny_seg"):
+        load_config(PGSegPretrainConfig, "configs/pgseg/tiny.yaml", ["model.size=tiny_sseg"])
+    with pytest.raises(ConfigError, match="model.size"):
+        load_config(PGSegEvalConfig, None, ["model.size=huge"])

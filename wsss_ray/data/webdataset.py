@@ -18,10 +18,20 @@ tokenise, emitting ``jpeg`` (the raw bytes), ``crop`` (B x 4 int64: top, left, h
 ``torchvision.io.decode_jpeg(device="cuda")``, crop and antialiased resize on the GPU), so the
 decode leaves the CPU. Non-JPEG images are re-encoded as JPEG by the actor (rare, slow path).
 
+Two readers feed the same decode (``data.reader``, default ``fused``):
+
+- ``read_webdataset``: Ray's WebDataset read tasks emit raw-byte rows (pandas blocks through the
+  object store), re-batched by ``map_batches`` into the decode actors.
+- ``fused``: a dataset of shard paths (one row per tar, block order shuffled per execution)
+  mapped on the decode actor pool by :class:`FusedShardDecoder`: each actor opens its tar
+  (through the pyarrow filesystem Ray resolves for the paths), groups files by key and decodes in
+  batches of ``decode_batch_size``, so raw bytes never cross the object store and there are no
+  read tasks. A shard is the unit of work: with fewer shards than actors some actors idle.
+
 Bad samples (undecodable image, missing or empty caption, the tail of a truncated tar) are
 dropped and counted, never fatal. Ray's reader fails the whole read task on a truncated tar, so
-:class:`TolerantWebDatasetDatasource` stops that shard at the break, keeps what came before and
-emits a marker row the decoder counts.
+both readers go through :func:`iter_tar_samples`, which stops that shard at the break, keeps what
+came before and emits a marker row the decoder counts.
 """
 
 from __future__ import annotations
@@ -43,6 +53,35 @@ TRUNCATED_KEY = "__truncated__"
 
 
 # ------------------------------------------------------------------------------- reading
+READERS = ("fused", "read_webdataset")
+_TAR_ERRORS = (tarfile.TarError, EOFError, OSError, ValueError)
+
+
+def iter_tar_samples(
+    stream: Any, path: str, fileselect: Any = None, suffixes: Any = None
+) -> Iterator[dict]:
+    """The WebDataset samples of one tar stream (Ray's tar iteration and key grouping: dicts of
+    ``__key__``, ``__url__`` and one bytes value per extension). A truncated or corrupt tar ends
+    early instead of raising: the samples before the break are kept, a warning is logged and a
+    last ``{"__key__": TRUNCATED_KEY}`` marker sample is yielded for the decoder to count."""
+    from ray.data._internal.datasource import webdataset_datasource as wdsrc
+
+    broken: list[str] = []
+
+    def files() -> Iterator[dict]:
+        try:
+            yield from wdsrc._tar_file_iterator(stream, fileselect=fileselect)
+        except _TAR_ERRORS as err:
+            broken.append(f"{type(err).__name__}: {err}")
+
+    yield from wdsrc._group_by_keys(files(), meta={"__url__": path}, suffixes=suffixes)
+    if broken:
+        log.warning(
+            "shard %s is truncated or corrupt (%s); the rest of it is skipped", path, broken[0]
+        )
+        yield {"__key__": TRUNCATED_KEY, "__url__": path}
+
+
 def _tolerant_datasource_cls():
     """Built lazily so this module imports without Ray for the pure decode functions."""
     from ray.data._internal.datasource import webdataset_datasource as wdsrc
@@ -54,29 +93,12 @@ def _tolerant_datasource_cls():
         def _read_stream(self, stream: Any, path: str) -> Iterator[Any]:
             import pandas as pd
 
-            broken: list[str] = []
-
-            def files() -> Iterator[dict]:
-                try:
-                    yield from wdsrc._tar_file_iterator(stream, fileselect=self.fileselect)
-                except (tarfile.TarError, EOFError, OSError, ValueError) as err:
-                    broken.append(f"{type(err).__name__}: {err}")
-
             rows: list[dict] = []
-            for sample in wdsrc._group_by_keys(
-                files(), meta={"__url__": path}, suffixes=self.suffixes
-            ):
+            for sample in iter_tar_samples(stream, path, self.fileselect, self.suffixes):
                 rows.append(sample)
                 if len(rows) >= wdsrc.WEBDATASET_READ_CHUNK_SIZE:
                     yield pd.DataFrame.from_records(rows)
                     rows = []
-            if broken:
-                log.warning(
-                    "shard %s is truncated or corrupt (%s); the rest of it is skipped",
-                    path,
-                    broken[0],
-                )
-                rows.append({"__key__": TRUNCATED_KEY, "__url__": path})
             if rows:
                 yield pd.DataFrame.from_records(rows)
 
@@ -99,6 +121,38 @@ def read_shards(paths: list[str], shuffle_files: bool = True, concurrency: int |
         file_extensions=["tar"],
     )
     return ray.data.read_datasource(datasource, concurrency=concurrency)
+
+
+def resolve_shards(paths: list[str]) -> tuple[list[str], Any]:
+    """Tar files, directories of tars or URIs -> (the tar paths, their pyarrow filesystem), with
+    the resolution, the retrying wrapper and the directory listing ``read_webdataset`` uses."""
+    from ray.data import DataContext
+    from ray.data._internal.util import RetryingPyFileSystem
+    from ray.data.datasource.file_meta_provider import DefaultFileMetadataProvider
+    from ray.data.datasource.path_util import _resolve_paths_and_filesystem
+
+    if not paths:
+        raise ValueError("no WebDataset shards given")
+    resolved, fs = _resolve_paths_and_filesystem(list(paths))
+    fs = RetryingPyFileSystem.wrap(fs, retryable_errors=DataContext.get_current().retried_io_errors)
+    listed = DefaultFileMetadataProvider().expand_paths(resolved, fs)
+    tars = [p for p, _ in listed if p.endswith(".tar")]
+    if not tars:
+        raise ValueError(f"no .tar files under {paths[:3]}")
+    return tars, fs
+
+
+def shard_path_dataset(paths: list[str], shuffle_files: bool = True) -> tuple[Any, Any]:
+    """(a dataset of one ``path`` row per tar, one block each, the filesystem to open them):
+    the fused reader's input. ``shuffle_files``: the block (shard) order is drawn anew at every
+    execution, i.e. every epoch, like ``read_webdataset(shuffle="files")``."""
+    import ray.data
+
+    tars, fs = resolve_shards(paths)
+    ds = ray.data.from_items([{"path": p} for p in tars], override_num_blocks=len(tars))
+    if shuffle_files:
+        ds = ds.randomize_block_order()
+    return ds, fs
 
 
 # ------------------------------------------------------------------------------ decoding
@@ -229,6 +283,44 @@ class ImageTextDecoder:
         return {"image": image_arr, "text": tokens, "skipped": skipped}
 
 
+def _columns(samples: list[dict]) -> dict[str, list]:
+    """Samples -> the column dict :class:`ImageTextDecoder` takes (``None`` where missing)."""
+    return {k: [s.get(k) for s in samples] for k in ("__key__", "jpg", "txt")}
+
+
+class FusedShardDecoder:
+    """``map_batches`` callable of the fused reader (one per actor): rows of shard paths ->
+    batches of :class:`ImageTextDecoder`'s columns, at most ``batch_size`` samples each (the
+    last batch of a shard also carries its truncation marker, so the skip lands in a column)."""
+
+    def __init__(self, filesystem: Any, batch_size: int, **decoder_kwargs: Any):
+        self.fs = filesystem
+        self.batch_size = max(1, int(batch_size))
+        self.decoder = ImageTextDecoder(**decoder_kwargs)
+
+    def samples(self, path: str) -> Iterator[dict]:
+        """The samples of one tar; an unreadable file counts as a corrupt shard."""
+        try:
+            stream = self.fs.open_input_stream(path)
+        except OSError as err:
+            log.warning("shard %s cannot be opened (%s); it is skipped", path, err)
+            yield {"__key__": TRUNCATED_KEY, "__url__": path}
+            return
+        with stream:
+            yield from iter_tar_samples(stream, path)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        for path in batch["path"]:
+            rows: list[dict] = []
+            for sample in self.samples(str(path)):
+                if len(rows) >= self.batch_size and sample["__key__"] != TRUNCATED_KEY:
+                    yield self.decoder(_columns(rows))
+                    rows = []
+                rows.append(sample)
+            if rows:
+                yield self.decoder(_columns(rows))
+
+
 def image_text_dataset(
     paths: list[str],
     tokenizer_name: str,
@@ -241,26 +333,47 @@ def image_text_dataset(
     context_length: int | None = None,
     skip_counter: str | None = None,
     decode_device: str = "cpu",
+    reader: str = "fused",
+    shuffle_files: bool = True,
 ):
     """The training dataset: tolerant read -> decode/crop/tokenize on a CPU actor pool
     (``skip_counter``: the name from :func:`wsss_ray.data.skips.start_skip_counter`;
-    ``decode_device="cuda"``: the actors only parse, the train worker decodes on its GPU)."""
+    ``decode_device="cuda"``: the actors only parse, the train worker decodes on its GPU;
+    ``reader``: ``fused`` (each actor reads its own tars, see the module docstring) or
+    ``read_webdataset`` (read tasks, raw bytes through the object store))."""
     from ray.data import ActorPoolStrategy
 
     if decode_device not in ("cpu", "cuda"):
         raise ValueError(f"decode_device must be cpu or cuda, not {decode_device!r}")
-    ds = read_shards(paths)
+    if reader not in READERS:
+        raise ValueError(f"reader must be one of {' | '.join(READERS)}, not {reader!r}")
+    decoder_kwargs = {
+        "tokenizer_name": tokenizer_name,
+        "image_size": image_size,
+        "crop_scale": tuple(crop_scale),
+        "hflip": hflip,
+        "context_length": context_length,
+        "skip_counter": skip_counter,
+        "decode_on_worker": decode_device == "cuda",
+    }
+    if reader == "fused":
+        ds, fs = shard_path_dataset(paths, shuffle_files)
+        return ds.map_batches(
+            FusedShardDecoder,
+            fn_constructor_kwargs={"filesystem": fs, "batch_size": batch_size, **decoder_kwargs},
+            batch_size=1,  # one shard per call; the callable yields batches of batch_size rows
+            batch_format="numpy",
+            # two shards in flight per actor: one decoding, one queued (the default 4 leaves
+            # the last actors idle while one works through its queue at the end of an epoch)
+            compute=ActorPoolStrategy(
+                min_size=actors[0], max_size=actors[1], max_tasks_in_flight_per_actor=2
+            ),
+            num_cpus=cpus_per_actor,
+        )
+    ds = read_shards(paths, shuffle_files)
     return ds.map_batches(
         ImageTextDecoder,
-        fn_constructor_kwargs={
-            "tokenizer_name": tokenizer_name,
-            "image_size": image_size,
-            "crop_scale": tuple(crop_scale),
-            "hflip": hflip,
-            "context_length": context_length,
-            "skip_counter": skip_counter,
-            "decode_on_worker": decode_device == "cuda",
-        },
+        fn_constructor_kwargs=decoder_kwargs,
         batch_size=batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(min_size=actors[0], max_size=actors[1]),

@@ -1,5 +1,8 @@
 """PGSeg: GroupViT image encoder + CLIP-style text encoder + projector heads + PG units
-(METHODS.md 1.1-1.3). Named sizes: ``vit_s`` (the paper's) and ``tiny`` (CPU, seconds).
+(METHODS.md 1.1-1.3). Named sizes: ``vit_s`` (the paper's), ``tiny`` (CPU, seconds; two
+grouping stages like ``vit_s``, what the tests exercise) and ``tiny_seg`` (the demo's: one grouping
+stage of 8 groups, which on the synthetic shapes world segments where two stages of 16 -> 4
+groups merge the shapes into the background; README, "Zero-shot segmentation").
 
 Text-side prototypes (T-NPR), ``text_mode``:
 - ``tokens`` (our design): EM with K = 8 over the text tower's token features (padding masked),
@@ -47,6 +50,8 @@ SIZES = {
         224, 16, 384, 6, (6, 3, 3), (64, 8, 0), (64, 8), 256, 12, 4, 77, 256, 4096, 0.1
     ),
     "tiny": PGSegSize(64, 8, 64, 2, (1, 1, 1), (16, 4, 0), (16, 4), 64, 2, 2, 32, 64, 256, 0.0),
+    # the demo's size: tiny's widths with one grouping stage (2 layers, 8 groups, 1 layer after)
+    "tiny_seg": PGSegSize(64, 8, 64, 2, (2, 1), (8, 0), (8,), 64, 2, 2, 32, 64, 256, 0.0),
 }
 
 
@@ -114,7 +119,8 @@ class PGSeg(nn.Module):
         self.text_mode = text_mode
         if text_mode != "none":
             src = s.text_width if text_mode == "tokens" else 1
-            k = s.group_tokens[1]  # matched to the stage-2 group tokens: same count
+            # matched to the last grouping stage's group tokens (stage 2 of vit_s): same count
+            k = [n for n in s.group_tokens if n > 0][-1]
             self.text_em = EMPrototypes(k, src, npr_iters, npr_momentum, True)
             g = torch.Generator().manual_seed(0)
             self.register_buffer(

@@ -96,6 +96,7 @@ def build_datasets(
             context_length,
             skip_counter,
             decode_device=d.decode_device,
+            reader=d.reader,
         )
         return {"train": train}
     raise ValueError(f"no dataset builder for task '{cfg.task}'")

@@ -1,0 +1,157 @@
+"""The fused reader (``data.reader=fused``): the decode actors read their own tars. Same samples
+as the ``read_webdataset`` path; truncated tars, bad images and empty captions skipped and
+counted; the shard order reshuffled per execution; ``data.reader`` validated."""
+
+from __future__ import annotations
+
+import tarfile
+import threading
+
+import numpy as np
+import pytest
+
+from wsss_ray.config import ConfigError, PGSegPretrainConfig, load_config
+from wsss_ray.data import synthetic as syn
+from wsss_ray.data.shards import ShardSink
+from wsss_ray.data.webdataset import (
+    TRUNCATED_KEY,
+    FusedShardDecoder,
+    image_text_dataset,
+    resolve_shards,
+    shard_path_dataset,
+)
+
+TINY = "configs/pgseg/tiny.yaml"
+
+
+def _write(sink, scene, jpeg=None, caption=None):
+    sink.write(
+        scene.key,
+        scene.jpeg() if jpeg is None else jpeg,
+        scene.caption if caption is None else caption,
+        scene.meta(),
+    )
+
+
+@pytest.fixture()
+def corrupt_shards(tmp_path):
+    """Shard A: 2 good, bad JPEG, no caption, empty caption, 2 good. Shard B: 6 samples cut
+    inside the 4th one's image (3 survive, one truncation skip)."""
+    scenes = list(syn.scenes(13, seed=4, size=64))
+    with ShardSink(tmp_path, "a", samples_per_shard=100) as sink:
+        for s in scenes[:2]:
+            _write(sink, s)
+        _write(sink, scenes[2], jpeg=b"\xff\xd8\xff\xe0 definitely not a jpeg")
+        sink._writer.write({"__key__": scenes[3].key, "jpg": scenes[3].jpeg()})  # no .txt
+        _write(sink, scenes[4], caption="   ")
+        for s in scenes[5:7]:
+            _write(sink, s)
+    with ShardSink(tmp_path, "b", samples_per_shard=100) as sink:
+        for s in scenes[7:13]:
+            _write(sink, s)
+    path_b = sink.paths[0]
+    with tarfile.open(path_b) as tf:
+        cut = next(m for m in tf.getmembers() if m.name == f"{scenes[10].key}.jpg").offset_data
+    data = open(path_b, "rb").read()
+    open(path_b, "wb").write(data[: cut + 100])
+    return [str(p) for p in sorted(tmp_path.glob("*.tar"))]
+
+
+def _kwargs(**over):
+    kw = {
+        "tokenizer_name": "wsss-tiny",
+        "image_size": 32,
+        "crop_scale": (1.0, 1.0),  # the whole image, resized: no random crop ...
+        "hflip": False,  # ... and no flip, so both readers give the same pixels
+    }
+    kw.update(over)
+    return kw
+
+
+def _samples(rows):
+    """Order-free fingerprint of the output rows: sorted (tokens, pixels) pairs."""
+    return sorted((np.asarray(r["text"]).tobytes(), np.asarray(r["image"]).tobytes()) for r in rows)
+
+
+# ---------------------------------------------------------------------- no Ray cluster needed
+def test_fused_decoder_batches_and_counts_without_ray(corrupt_shards):
+    tars, fs = resolve_shards([str(p) for p in corrupt_shards])
+    assert [t.rsplit("/", 1)[-1] for t in tars] == ["a-000000.tar", "b-000000.tar"]
+    fused = FusedShardDecoder(fs, batch_size=3, **_kwargs())
+    out = list(fused({"path": np.array(tars, dtype=object)}))
+    # batches of at most 3 input rows per shard (A: 3 + 3 + 1; B: its samples + the marker)
+    kept = [len(b["image"]) for b in out]
+    skipped = [int(b["skipped"].sum()) for b in out]
+    assert sum(kept) == 4 + 3 and sum(skipped) == 3 + 1
+    assert all(set(b) == {"image", "text", "skipped"} for b in out)
+    assert all(b["image"].dtype == np.uint8 and b["image"].shape[1:] == (32, 32, 3) for b in out)
+    # the truncation marker rides in shard B's last batch, so its skip lands in a column
+    assert skipped[-1] >= 1 and kept[-1] >= 1
+    samples_b = list(fused.samples(tars[1]))
+    assert [s["__key__"] for s in samples_b][-1] == TRUNCATED_KEY
+    assert sum("jpg" in s and "txt" in s for s in samples_b) == 3
+
+
+def test_fused_decoder_gpu_columns(corrupt_shards):
+    tars, fs = resolve_shards(corrupt_shards)
+    out = list(FusedShardDecoder(fs, 256, **_kwargs(decode_on_worker=True))({"path": tars}))
+    assert all(set(b) == {"jpeg", "crop", "flip", "text", "skipped"} for b in out)
+    assert sum(len(b["jpeg"]) for b in out) == 7 and sum(int(b["skipped"].sum()) for b in out) == 4
+    assert all(b["crop"].shape[1:] == (4,) for b in out)
+
+
+def test_reader_config_is_validated():
+    assert load_config(PGSegPretrainConfig, TINY, ["data.reader=fused"]).data.reader == "fused"
+    with pytest.raises(ConfigError, match="data.reader: fused | read_webdataset"):
+        load_config(PGSegPretrainConfig, TINY, ["data.reader=tar"])
+    with pytest.raises(ValueError, match="reader must be one of"):
+        image_text_dataset(["x.tar"], "wsss-tiny", 32, reader="tar")
+
+
+# ------------------------------------------------------------------------- on a local Ray
+def test_fused_equals_read_webdataset_and_counts_skips(ray_local, tmp_path, corrupt_shards):
+    good = syn.write_webdataset(tmp_path / "good", 14, seed=1, size=64, samples_per_shard=6)
+    inputs = [str(tmp_path / "good"), *corrupt_shards]  # a directory and two files
+    got, skips = {}, {}
+    for reader in ("read_webdataset", "fused"):
+        ds = image_text_dataset(
+            inputs, **_kwargs(), batch_size=8, actors=(1, 1), reader=reader, shuffle_files=False
+        )
+        rows = ds.take_all()
+        got[reader] = rows
+        skips[reader] = sum(int(r["skipped"]) for r in rows)
+    assert len(good) == 3
+    assert len(got["fused"]) == len(got["read_webdataset"]) == 14 + 4 + 3
+    assert skips["fused"] == skips["read_webdataset"] == 3 + 1  # bad, no/empty caption; cut
+    assert _samples(got["fused"]) == _samples(got["read_webdataset"])
+    assert all(np.asarray(r["image"]).shape == (32, 32, 3) for r in got["fused"])
+
+
+def test_shard_order_reshuffled_per_execution(ray_local, tmp_path):
+    paths = syn.write_webdataset(tmp_path, 8, seed=2, size=16, samples_per_shard=1)
+    ds, _ = shard_path_dataset([str(tmp_path)], shuffle_files=True)
+    orders = [[r["path"] for r in ds.iter_rows()] for _ in range(3)]  # three epochs
+    assert all(sorted(o) == sorted(paths) for o in orders)
+    assert len({tuple(o) for o in orders}) > 1  # all three equal by chance: p = 1 / 8!^2
+    ds, _ = shard_path_dataset(paths, shuffle_files=False)
+    assert [r["path"] for r in ds.iter_rows()] == sorted(paths)
+
+
+def test_fused_streaming_split_covers_every_sample(ray_local, tmp_path):
+    syn.write_webdataset(tmp_path, 12, seed=2, size=32, samples_per_shard=3)  # 4 shards
+    ds = image_text_dataset(
+        [str(tmp_path)], **_kwargs(image_size=16), batch_size=2, actors=(1, 1), reader="fused"
+    )
+    split = ds.streaming_split(2, equal=False)  # two train workers' shards
+    seen: list[list[bytes]] = [[], []]
+
+    def drain(i):
+        for batch in split[i].iter_batches(batch_size=2):
+            seen[i] += [t.tobytes() + im.tobytes() for t, im in zip(batch["text"], batch["image"])]
+
+    threads = [threading.Thread(target=drain, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(seen[0] + seen[1]) == 12 and len(set(seen[0] + seen[1])) == 12
