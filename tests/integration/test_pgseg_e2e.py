@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from jobs import eval_pgseg
@@ -31,6 +32,7 @@ def test_pgseg_trains_and_logs_every_term(ray_local, tmp_path):
         "configs/pgseg/tiny.yaml",
         [
             f"run.output_dir={tmp_path}",
+            "model.size=tiny",  # both grouping stages (the demo's tiny_seg has one)
             "train.max_steps=24",
             "train.batch_size_per_worker=32",
             "train.log_every=6",
@@ -82,6 +84,7 @@ def test_pgseg_trains_and_logs_every_term(ray_local, tmp_path):
             "configs/pgseg/eval_tiny.yaml",
             f"run.output_dir={tmp_path}",
             f"model.checkpoint={summary.checkpoint}",
+            "model.size=tiny",
             "num_overlays=2",
             "infer.actors=[1,1]",
             *EVAL_DATA,
@@ -105,3 +108,32 @@ def test_pgseg_trains_and_logs_every_term(ray_local, tmp_path):
     assert ev_run.data.metrics["baseline/all_background_miou"] > 0
     logged = {a.path for a in client.list_artifacts(ev_run.info.run_id)}
     assert {"miou.txt", "results.json", "overlays", "config.yaml"} <= logged
+
+
+@pytest.mark.slow
+def test_demo_segments_above_the_trivial_baselines(ray_local, tmp_path):
+    """Issue 4's claim, on exactly what `make demo` runs (configs/pgseg/tiny.yaml, 600 steps,
+    about 6 minutes on 2 cores) and what the README's eval command runs: zero-shot mIoU on the 48
+    unseen synthetic VOC-layout val images is above both trivial baselines. Two demo runs gave
+    21.7 and 16.7 against an all-background floor of 14.3 and random group labels of 3.4-5.9, so
+    the margin asserted here is what every run so far has cleared, not the issue's "clearly"."""
+    cfg = load_config(
+        PGSegPretrainConfig, "configs/pgseg/tiny.yaml", [f"run.output_dir={tmp_path}"]
+    )
+    summary = run(cfg)
+    assert summary.metrics["step"] == 600
+    rc = eval_pgseg.main(
+        [
+            "--config",
+            "configs/pgseg/eval_tiny.yaml",
+            f"run.output_dir={tmp_path}",
+            f"model.checkpoint={summary.checkpoint}",
+        ]
+    )
+    assert rc == 0
+    res = json.loads((tmp_path / "eval_pgseg_tiny" / "results.json").read_text())
+    floor = res["baseline/all_background_miou"]
+    rand = res["baseline/random_groups_miou"]
+    print(f"demo zero-shot mIoU {res['miou']:.3f}, all background {floor:.3f}, random {rand:.3f}")
+    assert res["images"] == 48
+    assert res["miou"] > floor + 0.01 and res["miou"] > 2 * rand, res

@@ -19,6 +19,7 @@ from wsss_ray.tasks import build_task
 from wsss_ray.train.deepspeed_config import deepspeed_config, zero_stage
 
 TINY = "configs/pgseg/tiny.yaml"
+TWO_STAGES = ["model.size=tiny"]  # the demo config uses tiny_seg; these tests need both stages
 
 
 def _batch(b: int = 4) -> dict[str, torch.Tensor]:
@@ -32,7 +33,7 @@ def _batch(b: int = 4) -> dict[str, torch.Tensor]:
 
 def _task(overrides: list[str] | None = None):
     torch.manual_seed(0)
-    return build_task(load_config(PGSegPretrainConfig, TINY, overrides or []))
+    return build_task(load_config(PGSegPretrainConfig, TINY, TWO_STAGES + (overrides or [])))
 
 
 def _forward_backward(task, seed: int = 1):
@@ -128,7 +129,7 @@ def test_grad_checkpointing_gives_the_same_gradients():
 
     plain = _task()
     ckpt = _task()
-    cfg = load_config(PGSegPretrainConfig, TINY, ["train.grad_checkpointing=true"])
+    cfg = load_config(PGSegPretrainConfig, TINY, [*TWO_STAGES, "train.grad_checkpointing=true"])
     applied = apply_fast_path(ckpt, cfg, log=lambda msg: None)
     assert applied["grad_checkpointing"] and ckpt.model.img_encoder.grad_checkpointing
     assert not plain.model.img_encoder.grad_checkpointing
@@ -147,7 +148,7 @@ def test_compile_falls_back_to_eager_with_a_message(monkeypatch):
     monkeypatch.setattr(loop, "compile_works", lambda device="cpu": "RuntimeError: no compiler")
     task = _task()
     said: list[str] = []
-    cfg = load_config(PGSegPretrainConfig, TINY, ["train.compile=true"])
+    cfg = load_config(PGSegPretrainConfig, TINY, [*TWO_STAGES, "train.compile=true"])
     applied = loop.apply_fast_path(task, cfg, log=said.append)
     assert applied["compile"] is False and "no compiler" in said[0] and "eager" in said[0]
     assert task.model.img_encoder._compiled_call_impl is None

@@ -48,3 +48,36 @@ def test_deepspeed_config_and_length_from_samples():
     assert ds["gradient_clipping"] == 5.0
     gpu = load_config(ClipPretrainConfig, None, ["train.max_steps=1", "scaling.use_gpu=true"])
     assert deepspeed_config(gpu)["bf16"]["enabled"] is True
+
+
+def _norm_stats_worker(rank, out):
+    import torch
+
+    from wsss_ray.train.loop import average_norm_stats
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    net.train()
+    torch.manual_seed(100 + rank)  # each worker sees its own batches
+    for _ in range(3):
+        net(torch.randn(8, 3) * (rank + 1) + rank)
+    bn = net[1]
+    out[f"before{rank}"] = (bn.running_mean.clone(), bn.running_var.clone())
+    out[f"n{rank}"] = average_norm_stats(net)
+    out[f"after{rank}"] = (bn.running_mean.clone(), bn.running_var.clone())
+
+
+def test_norm_stats_are_averaged_over_workers():
+    """CPU workers have no SyncBatchNorm: the loop averages BN statistics before validation and
+    checkpoints, so every worker (and the checkpoint) holds the same eval-mode model."""
+    import torch
+    from _dist import spawn_gloo
+
+    out = spawn_gloo(_norm_stats_worker, world=2)
+    assert out["n0"] == out["n1"] == 2
+    (m0, v0), (m1, v1) = out["before0"], out["before1"]
+    assert not torch.allclose(m0, m1)  # the workers had drifted apart
+    for rank in (0, 1):
+        mean, var = out[f"after{rank}"]
+        torch.testing.assert_close(mean, (m0 + m1) / 2)
+        torch.testing.assert_close(var, (v0 + v1) / 2)

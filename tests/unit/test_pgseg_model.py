@@ -78,7 +78,9 @@ def test_straight_through_gradient_reaches_assignment_queries():
 
 def test_lpg_alone_reaches_group_tokens():
     cfg = load_config(
-        PGSegPretrainConfig, "configs/pgseg/tiny.yaml", ["loss.it=0", "loss.pg_text=0"]
+        PGSegPretrainConfig,
+        "configs/pgseg/tiny.yaml",
+        ["model.size=tiny", "loss.it=0", "loss.pg_text=0"],
     )
     task = build_task(cfg)
     losses, metrics = task.training_forward(_batch("tiny"))
@@ -93,7 +95,9 @@ def test_lpg_alone_reaches_group_tokens():
 
 @pytest.mark.parametrize("mode", ["tokens", "reference", "none"])
 def test_text_modes(mode):
-    cfg = load_config(PGSegPretrainConfig, "configs/pgseg/tiny.yaml", [f"npr.text_mode={mode}"])
+    cfg = load_config(
+        PGSegPretrainConfig, "configs/pgseg/tiny.yaml", ["model.size=tiny", f"npr.text_mode={mode}"]
+    )
     losses, _ = build_task(cfg).training_forward(_batch("tiny"))
     assert ("pg_text_loss" in losses) == (mode != "none")
     assert all(torch.isfinite(v) for v in losses.values())
@@ -133,7 +137,7 @@ def test_vit_s_one_training_step_on_cpu():
 
 def test_bf16_forward_and_backward():
     """What DeepSpeed does with bf16 on: module (buffers included) and images in bf16."""
-    cfg = load_config(PGSegPretrainConfig, "configs/pgseg/tiny.yaml", [])
+    cfg = load_config(PGSegPretrainConfig, "configs/pgseg/tiny.yaml", ["model.size=tiny"])
     task = build_task(cfg).to(torch.bfloat16)
     batch = _batch("tiny")
     batch["image"] = batch["image"].to(torch.bfloat16)

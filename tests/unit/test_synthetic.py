@@ -33,11 +33,12 @@ def test_scene_mask_labels_and_caption_agree():
         present = sorted(set(np.unique(s.mask).tolist()) - {0})
         assert present == s.labels  # every object stays visible
         assert 1 <= len(s.objects) <= 3
-        coloured = any(c in s.caption.lower() for c in syn.COLOURS)
+        words = set(s.caption.lower().replace(",", " ").replace(".", " ").split())
+        coloured = any(c in words for c in syn.COLOURS)  # not "red" in "checkered"
         colour_captions += coloured
         for obj in s.objects:
             assert obj.shape in s.caption
-            assert not coloured or obj.colour in s.caption.lower()  # all colours or none
+            assert not coloured or obj.colour in words  # all colours or none
         # shapes are painted in their colour: mean pixel of a class region is near it
         for obj in s.objects:
             region = s.mask == obj.label
@@ -52,6 +53,38 @@ def test_shapes_mostly_wear_their_typical_colour():
     typical = np.mean([o.colour == syn.TYPICAL_COLOUR[o.shape] for o in objs])
     # 0.8 typical plus 0.2 * 1/6 drawn typical by chance
     assert 0.75 < typical < 0.92
+
+
+def test_captions_name_the_background_they_show():
+    named = 0
+    for i in range(60):
+        s = syn.make_scene(i, size=96)
+        found = [
+            (t, p)
+            for t in syn.BACKGROUND_TONES
+            for p in syn.BACKGROUND_PATTERNS
+            if f"on a {t} {p} background." in s.caption
+        ]
+        assert len(found) <= 1
+        if not found:
+            continue
+        named += 1
+        tone, pattern = found[0]
+        bg = s.image[s.mask == 0].astype(np.float32)
+        lo, hi = syn.BACKGROUND_TONES[tone]
+        assert lo - 20 < bg.mean() < hi + 20  # the tone the caption names
+        grey = s.image.astype(np.float32).mean(-1)
+        bg_mask = s.mask == 0
+        # stripes and checks make steps of 56 grey levels between neighbours; plain only noise
+        big_steps = max(
+            np.mean(np.abs(np.diff(grey, axis=a))[np.logical_and(*pair)] > 40)
+            for a, pair in (
+                (0, (bg_mask[1:], bg_mask[:-1])),
+                (1, (bg_mask[:, 1:], bg_mask[:, :-1])),
+            )
+        )
+        assert (big_steps < 0.01) == (pattern == "plain"), (pattern, big_steps)
+    assert 36 <= named <= 58  # about CAPTION_BACKGROUND_PROB of 60
 
 
 def test_captions_vary():

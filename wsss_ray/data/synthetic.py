@@ -1,8 +1,10 @@
 """A deterministic synthetic "shapes" world in the real on-disk formats.
 
 Tests and the default demo need data without downloads. Each image holds 1-3 coloured shapes on a
-textured background (each shape class has a typical colour); its caption names them in varied
-sentences, and its per-pixel mask says which shape class owns each pixel. The same scene can be
+background with a tone (dark, light) and a pattern (striped, checkered, plain); each shape class
+has a typical colour. Its caption names the shapes in varied sentences and usually the
+background too ("... on a dark striped background"), as real captions name the scene around
+their objects, and its per-pixel mask says which shape class owns each pixel. The same scene can be
 written as WebDataset image-text shards, as a PASCAL VOC 2012 layout (palette masks with 255
 boundaries, SBD-style grey ``SegmentationClassAug``) and as a COCO 2014 layout
 (``instances_*.json`` with polygons, RLE and ``iscrowd``), so every reader in the project is
@@ -49,8 +51,16 @@ TYPICAL_COLOUR = {
 }
 TYPICAL_COLOUR_PROB = 0.8
 CAPTION_COLOUR_PROB = 0.3
+#: Backgrounds have a tone and a pattern that captions name with probability
+#: ``CAPTION_BACKGROUND_PROB``. Without them the background is never described, so nothing in
+#: the text gives a background segment content of its own, and a grouping model's background
+#: tokens end up naming the shapes: zero-shot segmentation labels the background as a shape
+#: (README, "Zero-shot segmentation").
+BACKGROUND_TONES = {"dark": (55.0, 95.0), "light": (150.0, 195.0)}
+BACKGROUND_PATTERNS = ["striped", "checkered", "plain"]
+CAPTION_BACKGROUND_PROB = 0.8
 #: bumped whenever the generated content changes, so cached synthetic data is rewritten
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 #: VOC-layout class names: index 0 is background, then the shapes.
 CLASS_NAMES = ["background", *SHAPES]
 #: Non-contiguous COCO category ids (as in real COCO) so readers must remap them to 1..K.
@@ -158,16 +168,26 @@ def polygon_mask(polygon: list[float], h: int, w: int) -> np.ndarray:
     return mask_utils.decode(mask_utils.merge(rle)).astype(bool)
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    base = rng.uniform(90, 170)
-    tint = rng.uniform(-15, 15, size=3)
+def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
+    """A greyish background of a random tone and pattern, and its description ("dark striped")."""
+    tone = list(BACKGROUND_TONES)[int(rng.integers(len(BACKGROUND_TONES)))]
+    pattern = BACKGROUND_PATTERNS[int(rng.integers(len(BACKGROUND_PATTERNS)))]
+    base = rng.uniform(*BACKGROUND_TONES[tone])
+    tint = rng.uniform(-10, 10, size=3)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    freq = rng.uniform(0.05, 0.3)
-    theta = rng.uniform(0, math.pi)
-    stripes = 18 * np.sin(freq * (xx * math.cos(theta) + yy * math.sin(theta)))
-    noise = rng.normal(0, 10, size=(size, size, 1))
-    img = base + tint[None, None, :] + stripes[..., None] + noise
-    return np.clip(img, 0, 255)
+    # patterns scale with the image, so they look the same at every generated size
+    if pattern == "striped":
+        freq = rng.uniform(0.15, 0.35) * 96 / size
+        theta = rng.uniform(0, math.pi)
+        texture = 28 * np.sign(np.sin(freq * (xx * math.cos(theta) + yy * math.sin(theta))))
+    elif pattern == "checkered":
+        period = rng.uniform(6, 12) * size / 96
+        texture = 28 * ((((xx // period) + (yy // period)) % 2) * 2 - 1)
+    else:
+        texture = np.zeros_like(xx)
+    noise = rng.normal(0, 8, size=(size, size, 1))
+    img = base + tint[None, None, :] + texture[..., None] + noise
+    return np.clip(img, 0, 255), f"{tone} {pattern}"
 
 
 def make_scene(index: int, seed: int = 0, size: int = 128, crowd_prob: float = 0.0) -> Scene:
@@ -175,7 +195,7 @@ def make_scene(index: int, seed: int = 0, size: int = 128, crowd_prob: float = 0
     rng = np.random.default_rng([seed, index])
     for _attempt in range(50):
         n = int(rng.integers(1, 4))
-        img = _background(rng, size)
+        img, background = _background(rng, size)
         mask = np.zeros((size, size), np.uint8)
         owner = np.full((size, size), -1, np.int16)
         objects: list[ShapeObject] = []
@@ -210,6 +230,10 @@ def make_scene(index: int, seed: int = 0, size: int = 128, crowd_prob: float = 0
     phrases = [o.phrase(with_colour) for o in objects]
     template = _TEMPLATES[len(objects)][int(rng.integers(len(_TEMPLATES[len(objects)])))]
     caption = template.format(**dict(zip("abc", phrases)))
+    if rng.random() < CAPTION_BACKGROUND_PROB:
+        for generic in (" on a textured background", " on a patterned background"):
+            caption = caption.replace(generic, "")
+        caption = caption.rstrip(".") + f" on a {background} background."
     caption = caption[0].upper() + caption[1:] if rng.random() < 0.5 else caption
     image = np.clip(img, 0, 255).astype(np.uint8)
     labels = sorted({o.label for o in objects})

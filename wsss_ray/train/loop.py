@@ -68,6 +68,32 @@ def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
     return t.tolist()
 
 
+def average_norm_stats(module: torch.nn.Module) -> int:
+    """Average every BatchNorm's running mean and variance over the workers; returns how many
+    buffers. Without SyncBatchNorm (CPU workers: gloo has none) each worker's statistics follow
+    its own batches, so the workers would hold different models in eval mode: validation on
+    worker 1 would not be the model the checkpoint (worker 0's buffers) holds. Called before
+    every validation and checkpoint; training-mode forwards never read these buffers."""
+    bufs = [
+        b
+        for m in module.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        for b in (m.running_mean, m.running_var)
+        if b is not None
+    ]
+    if not bufs or not dist.is_initialized() or dist.get_world_size() == 1:
+        return 0
+    flat = torch.cat([b.detach().reshape(-1).double() for b in bufs])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for b in bufs:
+        n = b.numel()
+        b.copy_(flat[offset : offset + n].view_as(b).to(b.dtype))
+        offset += n
+    return len(bufs)
+
+
 class NonFiniteGuard:
     """Counts non-finite losses; after ``limit`` in a row it returns the reason to stop."""
 
@@ -264,7 +290,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train.seed)  # identical init on every rank
     task = build_task(cfg, **loop_config.get("task_args", {}))
-    if cfg.scaling.use_gpu and world > 1:  # batch statistics over the global batch (NCCL only)
+    synced_bn = cfg.scaling.use_gpu and world > 1
+    if synced_bn:  # batch statistics over the global batch (NCCL only)
         task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(task)
     torch.manual_seed(cfg.train.seed + 1009 * rank)  # independent noise per rank
 
@@ -348,6 +375,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         )
         if stop_reason:
             metrics["stopped_nonfinite"] = 1
+        if world > 1 and not synced_bn and (evaluate or with_checkpoint):
+            average_norm_stats(engine.module)  # one model on every worker, and in the checkpoint
         if evaluate:
             metrics.update(validation_metrics())
         if not with_checkpoint:
