@@ -5,6 +5,7 @@ module that needed it: unit tests that spawn their own processes run without Ray
 from __future__ import annotations
 
 import os
+import tarfile
 
 import pytest
 
@@ -23,3 +24,41 @@ def ray_local():
         )
     yield ray
     ray.shutdown()
+
+
+def write_sample(sink, scene, jpeg=None, caption=None) -> None:
+    """One synthetic scene into a ShardSink, optionally with a replaced image or caption."""
+    sink.write(
+        scene.key,
+        scene.jpeg() if jpeg is None else jpeg,
+        scene.caption if caption is None else caption,
+        scene.meta(),
+    )
+
+
+@pytest.fixture()
+def corrupt_shards(tmp_path):
+    """Two WebDataset tars with planted faults. Shard A: 2 good, bad JPEG, no caption, empty
+    caption, 2 good. Shard B: 6 samples cut inside the 4th one's image (3 survive, one
+    truncation skip). 4 good + 3 good samples, 3 + 1 skips."""
+    from wsss_ray.data import synthetic as syn
+    from wsss_ray.data.shards import ShardSink
+
+    scenes = list(syn.scenes(13, seed=4, size=64))
+    with ShardSink(tmp_path, "a", samples_per_shard=100) as sink:
+        for s in scenes[:2]:
+            write_sample(sink, s)
+        write_sample(sink, scenes[2], jpeg=b"\xff\xd8\xff\xe0 definitely not a jpeg")
+        sink._writer.write({"__key__": scenes[3].key, "jpg": scenes[3].jpeg()})  # no .txt
+        write_sample(sink, scenes[4], caption="   ")
+        for s in scenes[5:7]:
+            write_sample(sink, s)
+    with ShardSink(tmp_path, "b", samples_per_shard=100) as sink:
+        for s in scenes[7:13]:
+            write_sample(sink, s)
+    path_b = sink.paths[0]
+    with tarfile.open(path_b) as tf:
+        cut = next(m for m in tf.getmembers() if m.name == f"{scenes[10].key}.jpg").offset_data
+    data = open(path_b, "rb").read()
+    open(path_b, "wb").write(data[: cut + 100])
+    return [str(p) for p in sorted(tmp_path.glob("*.tar"))]

@@ -2,49 +2,12 @@
 
 from __future__ import annotations
 
-import tarfile
-
 import numpy as np
-import pytest
 
 from wsss_ray.data import synthetic as syn
-from wsss_ray.data.shards import ShardSink
 from wsss_ray.data.webdataset import image_text_dataset
 
 SOT = 49406  # open_clip's start-of-text token
-
-
-def _write(sink, scene, jpeg=None, caption=None):
-    sink.write(
-        scene.key,
-        scene.jpeg() if jpeg is None else jpeg,
-        scene.caption if caption is None else caption,
-        scene.meta(),
-    )
-
-
-@pytest.fixture()
-def corrupt_shards(tmp_path):
-    scenes = list(syn.scenes(13, seed=4, size=64))
-    # shard A: 2 good, bad JPEG, missing caption, empty caption, 2 good
-    with ShardSink(tmp_path, "a", samples_per_shard=100) as sink:
-        for s in scenes[:2]:
-            _write(sink, s)
-        _write(sink, scenes[2], jpeg=b"\xff\xd8\xff\xe0 definitely not a jpeg")
-        sink._writer.write({"__key__": scenes[3].key, "jpg": scenes[3].jpeg()})  # no .txt
-        _write(sink, scenes[4], caption="   ")
-        for s in scenes[5:7]:
-            _write(sink, s)
-    # shard B: 6 samples, cut inside the 4th sample's image: 3 survive
-    with ShardSink(tmp_path, "b", samples_per_shard=100) as sink:
-        for s in scenes[7:13]:
-            _write(sink, s)
-    path_b = sink.paths[0]
-    with tarfile.open(path_b) as tf:
-        cut = next(m for m in tf.getmembers() if m.name == f"{scenes[10].key}.jpg").offset_data
-    data = open(path_b, "rb").read()
-    open(path_b, "wb").write(data[: cut + 100])
-    return [str(p) for p in sorted(tmp_path.glob("*.tar"))]
 
 
 def test_pipeline_tensors_and_skip_count(ray_local, corrupt_shards):

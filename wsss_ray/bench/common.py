@@ -293,6 +293,18 @@ def consume(batches: Any, count: Callable[[Any], int], skip: int = 1) -> dict[st
     }
 
 
+def rate_cells(r: dict[str, Any]) -> list[str]:
+    """The table cells of one measured pipeline: images/s, its spread, images per pass, time to
+    the first batch, images/s including start-up (``bench data`` and ``bench eval`` share them)."""
+    return [
+        r["images_per_s"].fmt(),
+        f"{100 * r['images_per_s'].spread:.0f}%",
+        f"{r['images'].median:.0f}",
+        r["first_batch_s"].fmt(),
+        r["end_to_end_images_per_s"].fmt(),
+    ]
+
+
 def stat_row(label: str, stat: Stat, digits: int = 3) -> list[str]:
     return [label, stat.fmt(digits), f"{100 * stat.spread:.0f}%"]
 

@@ -38,6 +38,7 @@ from wsss_ray.bench.common import (
     consume,
     interleave,
     paired_ratio,
+    rate_cells,
     say,
     stat_row,
 )
@@ -296,14 +297,7 @@ def run(cfg: DataBenchConfig, out: str | None = None) -> Report:
     reader = default_reader()
 
     def pipeline_row(name: str, r: dict) -> list[str]:
-        return [
-            name,
-            r["images_per_s"].fmt(),
-            f"{100 * r['images_per_s'].spread:.0f}%",
-            f"{r['images'].median:.0f}",
-            r["first_batch_s"].fmt(),
-            r["end_to_end_images_per_s"].fmt(),
-        ]
+        return [name, *rate_cells(r)]
 
     def mark(name: str) -> str:
         return f"{name} (default)" if name == reader else name

@@ -30,7 +30,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsss_ray.bench.common import Report, Stat, consume, interleave, paired_ratio, say, stat_row
+from wsss_ray.bench.common import (
+    Report,
+    Stat,
+    consume,
+    interleave,
+    paired_ratio,
+    rate_cells,
+    say,
+    stat_row,
+)
 
 
 @dataclass
@@ -198,17 +207,7 @@ def run(cfg: EvalBenchConfig, out: str | None = None) -> Report:
             (f"ours: Ray Data, {cfg.cpus} one-CPU actors", ours),
             (f"plain: in-process loop, {cfg.plain_threads} torch thread(s)", plain),
         ):
-            rows.append(
-                [
-                    labels[what],
-                    name,
-                    r["images_per_s"].fmt(),
-                    f"{100 * r['images_per_s'].spread:.0f}%",
-                    f"{r['images'].median:.0f}",
-                    r["first_batch_s"].fmt(),
-                    r["end_to_end_images_per_s"].fmt(),
-                ]
-            )
+            rows.append([labels[what], name, *rate_cells(r)])
         ratio_rows.append(stat_row(f"{what}: ours / plain", ratio))
         ratio_rows.append(
             stat_row(f"{what}: scaling efficiency, ours / (plain x {scale:g})", efficiency)
