@@ -246,3 +246,42 @@ def test_job_exits_2_with_one_line_before_ray(tmp_path):
         "sweep error: parameters.hrs.phy: no such key in the pgseg job config (PGSegPretrainConfig)"
     )
     assert "Ray" not in out.stdout + out.stderr
+
+
+def test_child_runs_close_early_stopped_train_trials_as_finished(tmp_path):
+    """A Train trial that ASHA stops may have closed its own run as FAILED (interrupted inside
+    trainer.fit) or left it RUNNING (killed): either way the sweep records it as FINISHED with
+    the early-stop tag; a trial that really failed stays FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    from wsss_ray.tune.sweep import PARENT_TAG, TRIAL_TAG, ChildRuns, TrialRow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("sweeps")
+    parent = client.create_run(exp).info.run_id
+    own_status = {"t_killed": None, "t_interrupted": "FAILED", "t_done": "FINISHED", "t_bad": None}
+    for trial, status in own_status.items():  # what each trial's own tracker left behind
+        run = client.create_run(exp, tags={PARENT_TAG: parent, TRIAL_TAG: trial})
+        if status:
+            client.set_terminated(run.info.run_id, status=status)
+    children = ChildRuns(uri, exp, parent, "s", train=True)
+    for trial, ok, early in [
+        ("t_killed", "ok", True),
+        ("t_interrupted", "ok", True),
+        ("t_done", "ok", False),
+        ("t_bad", "error", False),
+    ]:
+        children.add(TrialRow(trial, ok, 2, 0.5, early, 1.0, {}))
+    children.close()
+    assert children.errors == []
+    got = {
+        r.data.tags[TRIAL_TAG]: (r.info.status, r.data.tags["wsss_ray.early_stopped"])
+        for r in client.search_runs([exp], filter_string=f"tags.`{PARENT_TAG}` = '{parent}'")
+    }
+    assert got == {
+        "t_killed": ("FINISHED", "true"),
+        "t_interrupted": ("FINISHED", "true"),
+        "t_done": ("FINISHED", "false"),
+        "t_bad": ("FAILED", "false"),
+    }

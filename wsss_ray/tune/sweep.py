@@ -231,7 +231,11 @@ class ChildRuns:
                 run_id = self._create(row.trial_id, tags)
             else:
                 self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-            if self.client.get_run(run_id).info.status == "RUNNING":  # stopped by ASHA
+            current = self.client.get_run(run_id).info.status
+            # a trial leaves its run RUNNING when it stops on an exception (killed or
+            # interrupted by ASHA, or failed); runs closed by an older trial code as FAILED on
+            # an early stop are corrected too: an early stop is not a failure
+            if current == "RUNNING" or (row.early_stopped and current != status):
                 self.client.set_terminated(run_id, status=status)
             return
         run_id = self._create(row.trial_id, tags)

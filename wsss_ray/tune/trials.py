@@ -121,11 +121,11 @@ def train_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             tracker.set_tag(key, value)
     callbacks = [TuneReportCallback(), _pg_recorder(pg_key(ctx.sweep, trial_id))]
     trainer = build_trainer(cfg, setup, tracker.run_id, callbacks=callbacks)
-    try:
-        result = trainer.fit()
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
+    # On an exception the run is left open: the sweep driver (ChildRuns) closes it, and only it
+    # knows whether ASHA stopped the trial (FINISHED, early) or it failed. Closing it here raced
+    # the driver: an early-stopped trial's interrupted fit() could mark FAILED after the driver
+    # had written FINISHED.
+    result = trainer.fit()
     if result.checkpoint:
         tracker.set_tag("checkpoint/final", result.checkpoint.path)
     tracker.finish("FINISHED")
