@@ -69,6 +69,11 @@ class DataConfig:
         "fused (each decode actor reads its own tars; parallelism <= number of shards) | "
         "read_webdataset (read tasks pass raw bytes to the decode actors)",
     )
+    passes_per_execution: int = _f(
+        1,
+        "epochs per Ray Data execution (fused reader): every shard is listed this many times, "
+        "in one shuffled order, so the decode actors start once per N epochs, not every epoch",
+    )
 
 
 @dataclass
@@ -540,6 +545,12 @@ def validate(cfg: Any) -> None:
         d = cfg.data
         need(d.decode_device in ("cpu", "cuda"), "data.decode_device", "cpu | cuda")
         need(d.reader in ("fused", "read_webdataset"), "data.reader", "fused | read_webdataset")
+        need(d.passes_per_execution >= 1, "data.passes_per_execution", "must be >= 1")
+        need(
+            d.passes_per_execution == 1 or d.reader == "fused",
+            "data.passes_per_execution",
+            "needs data.reader=fused (read_webdataset runs one pass per execution)",
+        )
         need(
             d.decode_device == "cpu" or cfg.scaling.use_gpu,
             "data.decode_device",

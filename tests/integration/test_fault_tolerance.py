@@ -197,11 +197,14 @@ def _faulty_shards(folder: Path) -> tuple[list[str], int]:
     return paths, 3
 
 
-def test_corrupt_shard_and_bad_jpeg_are_skipped_and_counted(ray_local, tmp_path):
+@pytest.mark.parametrize("passes", [1, 2])
+def test_corrupt_shard_and_bad_jpeg_are_skipped_and_counted(ray_local, tmp_path, passes):
+    """Exact skip counts over two executions of the data (passes = 2: each execution reads
+    every shard twice, so 4 epochs)."""
     shards = tmp_path / "shards"
     shards.mkdir()
     paths, faults = _faulty_shards(shards)
-    epochs, steps_per_epoch = 2, 64 // (2 * 8)
+    epochs, steps_per_epoch = 2 * passes, 64 // (2 * 8)
     t0 = time.monotonic()
     summary = run(
         _cfg(
@@ -212,6 +215,7 @@ def test_corrupt_shard_and_bad_jpeg_are_skipped_and_counted(ray_local, tmp_path)
             "train.batch_size_per_worker=8",
             "train.log_every=1",
             "data.decode_batch_size=4",  # many decode batches, some all bad: counted exactly
+            f"data.passes_per_execution={passes}",
         )
     )
     print(
@@ -219,7 +223,7 @@ def test_corrupt_shard_and_bad_jpeg_are_skipped_and_counted(ray_local, tmp_path)
         f"{summary.metrics['samples']} samples; {time.monotonic() - t0:.0f}s"
     )
     assert summary.metrics["step"] == epochs * steps_per_epoch
-    assert summary.metrics["epoch"] == epochs - 1
+    assert summary.metrics["epoch"] == epochs - passes  # the last execution's first epoch
     assert summary.metrics["samples"] == epochs * 64
     assert summary.metrics["data/skipped"] == epochs * faults
     client = MlflowClient(summary.tracking_uri)

@@ -71,6 +71,18 @@ def test_reader_config_is_validated():
         load_config(PGSegPretrainConfig, TINY, ["data.reader=tar"])
     with pytest.raises(ValueError, match="reader must be one of"):
         image_text_dataset(["x.tar"], "wsss-tiny", 32, reader="tar")
+    cfg = load_config(PGSegPretrainConfig, TINY, ["data.passes_per_execution=3"])
+    assert cfg.data.passes_per_execution == 3
+    with pytest.raises(ConfigError, match="data.passes_per_execution: must be >= 1"):
+        load_config(PGSegPretrainConfig, TINY, ["data.passes_per_execution=0"])
+    with pytest.raises(ConfigError, match="data.passes_per_execution: needs data.reader=fused"):
+        load_config(
+            PGSegPretrainConfig,
+            TINY,
+            ["data.passes_per_execution=2", "data.reader=read_webdataset"],
+        )
+    with pytest.raises(ValueError, match="needs the fused reader"):
+        image_text_dataset(["x.tar"], "wsss-tiny", 32, reader="read_webdataset", passes=2)
 
 
 # ------------------------------------------------------------------------- on a local Ray
@@ -120,6 +132,18 @@ def test_shard_order_reshuffled_per_execution(ray_local, tmp_path):
     assert len({tuple(o) for o in orders}) > 1  # all three equal by chance: p = 1 / 8!^2
     ds, _ = shard_path_dataset(paths, shuffle_files=False)
     assert [r["path"] for r in ds.iter_rows()] == sorted(paths)
+
+
+def test_passes_read_every_shard_n_times_in_one_execution(ray_local, tmp_path):
+    paths = syn.write_webdataset(tmp_path, 6, seed=2, size=16, samples_per_shard=2)  # 3 tars
+    ds, _ = shard_path_dataset(paths, shuffle_files=True, passes=3)
+    order = [r["path"] for r in ds.iter_rows()]
+    assert sorted(order) == sorted(paths * 3)
+    once = _samples(image_text_dataset(paths, **_kwargs(image_size=16), actors=(1, 1)).take_all())
+    ds = image_text_dataset(paths, **_kwargs(image_size=16), batch_size=2, actors=(1, 1), passes=2)
+    twice = _samples(ds.take_all())  # one execution, every sample twice (same pixels: no crop)
+    assert len(once) == 6 and len(set(once)) == 6
+    assert twice == sorted(once * 2)
 
 
 def test_fused_streaming_split_covers_every_sample(ray_local, tmp_path):

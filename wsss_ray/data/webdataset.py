@@ -142,14 +142,20 @@ def resolve_shards(paths: list[str]) -> tuple[list[str], Any]:
     return tars, fs
 
 
-def shard_path_dataset(paths: list[str], shuffle_files: bool = True) -> tuple[Any, Any]:
+def shard_path_dataset(
+    paths: list[str], shuffle_files: bool = True, passes: int = 1
+) -> tuple[Any, Any]:
     """(a dataset of one ``path`` row per tar, one block each, the filesystem to open them):
     the fused reader's input. ``shuffle_files``: the block (shard) order is drawn anew at every
-    execution, i.e. every epoch, like ``read_webdataset(shuffle="files")``."""
+    execution, like ``read_webdataset(shuffle="files")``. ``passes``: every tar is listed that
+    many times, so one execution is that many epochs (the shuffle mixes the passes' shards)."""
     import ray.data
 
+    if passes < 1:
+        raise ValueError(f"passes must be >= 1, not {passes}")
     tars, fs = resolve_shards(paths)
-    ds = ray.data.from_items([{"path": p} for p in tars], override_num_blocks=len(tars))
+    rows = [{"path": p} for p in tars] * passes
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     if shuffle_files:
         ds = ds.randomize_block_order()
     return ds, fs
@@ -335,18 +341,22 @@ def image_text_dataset(
     decode_device: str = "cpu",
     reader: str = "fused",
     shuffle_files: bool = True,
+    passes: int = 1,
 ):
     """The training dataset: tolerant read -> decode/crop/tokenize on a CPU actor pool
     (``skip_counter``: the name from :func:`wsss_ray.data.skips.start_skip_counter`;
     ``decode_device="cuda"``: the actors only parse, the train worker decodes on its GPU;
     ``reader``: ``fused`` (each actor reads its own tars, see the module docstring) or
-    ``read_webdataset`` (read tasks, raw bytes through the object store))."""
+    ``read_webdataset`` (read tasks, raw bytes through the object store); ``passes``: epochs
+    per execution, fused reader only: one actor-pool start-up per ``passes`` epochs)."""
     from ray.data import ActorPoolStrategy
 
     if decode_device not in ("cpu", "cuda"):
         raise ValueError(f"decode_device must be cpu or cuda, not {decode_device!r}")
     if reader not in READERS:
         raise ValueError(f"reader must be one of {' | '.join(READERS)}, not {reader!r}")
+    if passes != 1 and reader != "fused":
+        raise ValueError(f"passes={passes} needs the fused reader (read_webdataset: one pass)")
     decoder_kwargs = {
         "tokenizer_name": tokenizer_name,
         "image_size": image_size,
@@ -357,7 +367,7 @@ def image_text_dataset(
         "decode_on_worker": decode_device == "cuda",
     }
     if reader == "fused":
-        ds, fs = shard_path_dataset(paths, shuffle_files)
+        ds, fs = shard_path_dataset(paths, shuffle_files, passes)
         return ds.map_batches(
             FusedShardDecoder,
             fn_constructor_kwargs={"filesystem": fs, "batch_size": batch_size, **decoder_kwargs},

@@ -97,6 +97,7 @@ def build_datasets(
             skip_counter,
             decode_device=d.decode_device,
             reader=d.reader,
+            passes=d.passes_per_execution,
         )
         return {"train": train}
     raise ValueError(f"no dataset builder for task '{cfg.task}'")

@@ -454,7 +454,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 f"the training data yields no full batch of {B} per worker; "
                 "use more data, fewer workers or a smaller train.batch_size_per_worker"
             )
-        if step < steps and not stop_reason:
-            state["epoch"] += 1
+        if step < steps and not stop_reason:  # one execution = data.passes_per_execution epochs
+            state["epoch"] += getattr(cfg.data, "passes_per_execution", 1)
     if step > last_ckpt:
         report(step, with_checkpoint=True, evaluate=bool(validate))
