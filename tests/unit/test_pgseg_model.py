@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from wsss_ray.config import PGSegPretrainConfig, load_config
-from wsss_ray.models.groupvit import AssignAttention
+from wsss_ray.models.groupvit import AssignAttention, GroupingBlock
 from wsss_ray.models.pgseg import SIZES, PGSeg, load_groupvit_checkpoint
 from wsss_ray.tasks import build_task
 
@@ -41,6 +41,51 @@ def test_output_shapes_per_stage():
     text = m.encode_text(batch["text"])
     assert text["embed"].shape == (4, s.proj_dim)
     assert m.text_prototypes(text, batch["text"]).shape == (4, s.group_tokens[1], s.dim)
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_segment_tokens_with_and_without_the_group_residual(residual):
+    """GroupViT's segment token = assigned average (+ G) + MLP; without the residual it is a
+    function of its own image tokens only: changing the tokens of other segments, with the
+    assignment held fixed, leaves it unchanged."""
+    torch.manual_seed(0)
+    blk = GroupingBlock(16, 2, num_group=4, num_out=4, gumbel_tau=1.0, segment_residual=residual)
+    blk.eval()
+    x, groups = torch.randn(2, 30, 16), torch.randn(2, 4, 16)
+    out, attn, g = blk(x, groups)
+    xn = blk.norm_x(x)
+    avg, _ = blk.assign(g, xn)  # the reference computation, step by step
+    ref = avg + g if residual else avg
+    ref = ref + blk.mlp_channels(blk.norm_new_x(ref))
+    assert torch.allclose(out, ref, atol=1e-6)
+    # perturb every image token outside segment 0; G (which attends to all tokens) changes,
+    # so with the residual segment 0's token changes, without it only its own tokens count
+    hard = attn["hard"][0]  # K x N
+    outside = hard[0] == 0
+    assert outside.any() and (~outside).any()
+    x2 = x.clone()
+    x2[0, outside] += torch.randn_like(x2[0, outside])
+    a = blk.assign
+
+    def fixed(g_, x_):  # the same (hard) assignment as before the perturbation
+        return a.proj((hard / (hard.sum(-1, keepdim=True) + a.eps)) @ a.v_proj(x_)), attn
+
+    a.forward = fixed
+    try:
+        out1, _, _ = blk(x, groups)
+        out2, _, _ = blk(x2, groups)
+    finally:
+        del a.forward
+    same = torch.allclose(out1[0, 0], out2[0, 0], atol=1e-6)
+    assert same != residual
+
+
+def test_tiny_seg_has_one_stage_and_no_layer_after_it():
+    m = PGSeg("tiny_seg")
+    assert m.size.segment_residual is False and SIZES["vit_s"].segment_residual is True
+    assert len(m.img_encoder.layers) == 2 and len(m.img_encoder.layers[1].blocks) == 0
+    out = m.encode_image(_batch("tiny_seg")["image"])
+    assert len(out["stages"]) == 1 and out["tokens"].shape == (4, 8, m.size.dim)
 
 
 def test_gumbel_noise_only_in_training():

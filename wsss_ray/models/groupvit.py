@@ -137,7 +137,13 @@ class AssignAttention(nn.Module):
 
 
 class GroupingBlock(nn.Module):
-    """K group tokens -> ``num_out`` segment tokens by assigning image tokens to them."""
+    """K group tokens -> ``num_out`` segment tokens by assigning image tokens to them.
+
+    ``segment_residual`` (GroupViT: true) adds the group token G to its segment's token. G has
+    attended to the whole image, so every segment token then carries the whole image; false
+    keeps a segment token to its own image tokens (G still decides the assignment), which on
+    the tiny synthetic-shapes model stops background segments from taking the shapes' names
+    (README, "Zero-shot segmentation")."""
 
     def __init__(
         self,
@@ -147,8 +153,10 @@ class GroupingBlock(nn.Module):
         num_out: int,
         gumbel_tau: float,
         gumbel: bool = True,
+        segment_residual: bool = True,
     ):
         super().__init__()
+        self.segment_residual = segment_residual
         self.norm_tokens, self.norm_x = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.mlp_inter = MixerMlp(num_group, dim // 2, num_out)
         self.norm_post_tokens = nn.LayerNorm(dim)
@@ -162,7 +170,8 @@ class GroupingBlock(nn.Module):
         g = self.norm_post_tokens(self.mlp_inter(self.norm_tokens(groups_BKC)))
         g = self.pre_assign_attn(g, x)  # G: the group tokens L_PG regularises (before Gumbel)
         new_x, attn = self.assign(g, x)
-        new_x = new_x + g
+        if self.segment_residual:
+            new_x = new_x + g
         new_x = new_x + self.mlp_channels(self.norm_new_x(new_x))
         return new_x, attn, g
 
@@ -182,6 +191,7 @@ class GroupingLayer(nn.Module):
         npr: dict,
         gumbel_tau: float,
         gumbel: bool = True,
+        segment_residual: bool = True,
     ):
         super().__init__()
         self.blocks = nn.ModuleList(AttnBlock(dim, heads, drop_path=d) for d in drop_path)
@@ -197,7 +207,9 @@ class GroupingLayer(nn.Module):
             else:
                 self.group_projector = None
                 trunc_normal_(self.group_token, std=0.02)
-            self.downsample = GroupingBlock(dim, heads, num_group, num_out, gumbel_tau, gumbel)
+            self.downsample = GroupingBlock(
+                dim, heads, num_group, num_out, gumbel_tau, gumbel, segment_residual
+            )
             self.em = EMPrototypes(num_group, dim, npr["iters"], npr["momentum"], npr["ema"])
             self.recon = Mlp(dim, npr["hidden"], dim) if npr["enabled"] else None
 
@@ -244,6 +256,7 @@ class GroupViT(nn.Module):
         npr: dict,
         gumbel_tau: float = 1.0,
         gumbel: bool = True,
+        segment_residual: bool = True,
     ):
         super().__init__()
         self.patch_embed = nn.Module()  # GroupViT's names: patch_embed.proj, patch_embed.norm
@@ -269,6 +282,7 @@ class GroupViT(nn.Module):
                     npr,
                     gumbel_tau,
                     gumbel,
+                    segment_residual,
                 )
             )
             start, prev = start + depth, group_tokens[i]

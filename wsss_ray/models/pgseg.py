@@ -2,7 +2,9 @@
 (METHODS.md 1.1-1.3). Named sizes: ``vit_s`` (the paper's), ``tiny`` (CPU, seconds; two
 grouping stages like ``vit_s``, what the tests exercise) and ``tiny_seg`` (the demo's: one grouping
 stage of 8 groups, which on the synthetic shapes world segments where two stages of 16 -> 4
-groups merge the shapes into the background; README, "Zero-shot segmentation").
+groups merge the shapes into the background; no transformer layer after the grouping and no
+group-token residual in the segment tokens, so a background segment does not carry the shapes;
+README, "Zero-shot segmentation").
 
 Text-side prototypes (T-NPR), ``text_mode``:
 - ``tokens`` (our design): EM with K = 8 over the text tower's token features (padding masked),
@@ -43,6 +45,8 @@ class PGSegSize:
     proj_dim: int
     proj_hidden: int
     drop_path: float
+    #: GroupViT adds the group token to its segment token; false keeps segments to their pixels
+    segment_residual: bool = True
 
 
 SIZES = {
@@ -50,8 +54,11 @@ SIZES = {
         224, 16, 384, 6, (6, 3, 3), (64, 8, 0), (64, 8), 256, 12, 4, 77, 256, 4096, 0.1
     ),
     "tiny": PGSegSize(64, 8, 64, 2, (1, 1, 1), (16, 4, 0), (16, 4), 64, 2, 2, 32, 64, 256, 0.0),
-    # the demo's size: tiny's widths with one grouping stage (2 layers, 8 groups, 1 layer after)
-    "tiny_seg": PGSegSize(64, 8, 64, 2, (2, 1), (8, 0), (8,), 64, 2, 2, 32, 64, 256, 0.0),
+    # the demo's size: tiny's widths with one grouping stage (2 layers, 8 groups), no layer after
+    # it and no group-token residual: each final token is its own segment's (README, "Zero-shot")
+    "tiny_seg": PGSegSize(
+        64, 8, 64, 2, (2, 0), (8, 0), (8,), 64, 2, 2, 32, 64, 256, 0.0, segment_residual=False
+    ),
 }
 
 
@@ -104,6 +111,7 @@ class PGSeg(nn.Module):
             npr,
             gumbel_tau,
             gumbel_noise,
+            s.segment_residual,
         )
         self.text_encoder = TextTransformer(
             context_length=s.context_length,
