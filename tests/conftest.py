@@ -16,11 +16,13 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 def ray_local():
     import ray
 
+    from wsss_ray.runtime import embedded_runtime_env
+
     if not ray.is_initialized():
         ray.init(
             num_cpus=6,
             include_dashboard=False,
-            runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}},
+            runtime_env=embedded_runtime_env({"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}),
         )
     yield ray
     ray.shutdown()

@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from wsss_ray.config import PGSegPretrainConfig, load_config
-from wsss_ray.models.groupvit import AssignAttention, GroupingBlock
+from wsss_ray.models.groupvit import (
+    AssignAttention,
+    GroupingBlock,
+    GroupingLayer,
+    local_attention_mask,
+)
 from wsss_ray.models.pgseg import SIZES, PGSeg, load_groupvit_checkpoint
 from wsss_ray.tasks import build_task
 
@@ -86,6 +91,50 @@ def test_tiny_seg_has_one_stage_and_no_layer_after_it():
     assert len(m.img_encoder.layers) == 2 and len(m.img_encoder.layers[1].blocks) == 0
     out = m.encode_image(_batch("tiny_seg")["image"])
     assert len(out["stages"]) == 1 and out["tokens"].shape == (4, 8, m.size.dim)
+
+
+def test_local_attention_mask_against_distances():
+    m = local_attention_mask(3, 4, 2, window=1)  # 12 image tokens (row-major), 2 group tokens
+    assert m.shape == (14, 14) and m.dtype == torch.bool
+    for i in range(12):
+        for j in range(12):
+            near = abs(i // 4 - j // 4) <= 1 and abs(i % 4 - j % 4) <= 1
+            assert bool(m[i, j]) == near, (i, j)
+    assert not m[:12, 12:].any()  # image tokens never read the group tokens
+    assert m[12:].all()  # group tokens read everything
+
+
+@pytest.mark.parametrize("window", [None, 1])
+def test_attention_window_keeps_image_tokens_local(window):
+    """Stage-1 blocks over a 6 x 6 grid: with window 1 and 2 layers, token (0, 0) depends only on
+    tokens within 2 patches, so changing token (5, 5) leaves it exactly as it was, while the
+    group tokens (which see everything) change; GroupViT's global attention changes both."""
+    torch.manual_seed(0)
+    npr = {"iters": 3, "momentum": 0.1, "ema": 0.9, "enabled": False, "hidden": 32}
+    layer = GroupingLayer(16, 2, 2, 4, 4, [0.0, 0.0], 0, npr, 1.0, attn_window=window).eval()
+    x = torch.randn(1, 36, 16)
+    y = x.clone()
+    y[0, 35] += 3.0  # token (5, 5)
+    groups = layer.group_token.expand(1, -1, -1)
+    with torch.no_grad():
+        a = layer._blocks(torch.cat([x, groups], 1), (6, 6), 4)
+        b = layer._blocks(torch.cat([y, groups], 1), (6, 6), 4)
+    near = [r * 6 + c for r in range(3) for c in range(3)]  # within 2 patches of (0, 0): (0..2)^2
+    assert not torch.equal(a[0, 36:], b[0, 36:])
+    if window is None:
+        assert not torch.equal(a[0, 0], b[0, 0])  # small (0.02 init) but real
+    else:
+        assert torch.equal(a[0, 0], b[0, 0])
+        assert torch.equal(a[0, near], b[0, near])
+        assert not torch.equal(a[0, 28], b[0, 28])  # (4, 4) is within reach of (5, 5)
+
+
+def test_attention_window_follows_the_grid_of_any_input_size():
+    m = PGSeg("tiny_seg").eval()
+    assert m.size.attn_window is not None and SIZES["vit_s"].attn_window is None
+    with torch.no_grad():
+        out = m.encode_image(torch.randn(2, 3, 48, 80))  # a 6 x 10 grid, not the trained 8 x 8
+    assert out["grid"] == (6, 10) and out["stages"][0]["attn_soft"].shape == (2, 8, 60)
 
 
 def test_gumbel_noise_only_in_training():

@@ -165,7 +165,7 @@ class ZeroShotSegmenter:
         self.model.eval()
         try:
             h0, w0 = image.shape[:2]
-            x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
+            x = torch.from_numpy(np.array(image, copy=True)).to(self.device)  # Arrow: read-only
             x = x.permute(2, 0, 1)[None].float() / 255.0
             scale = self.short_side / min(h0, w0)
             h, w = max(round(h0 * scale), 1), max(round(w0 * scale), 1)

@@ -58,7 +58,8 @@ class Attention(nn.Module):
             )
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, kv=None):
+    def forward(self, x, kv=None, mask=None):
+        """``mask``: optional L_q x L_kv bool, true where a query may attend to a key."""
         B, N, C = x.shape
         h = self.heads
 
@@ -70,7 +71,7 @@ class Attention(nn.Module):
         else:
             kv = x if kv is None else kv
             q, k, v = self.q_proj(x), self.k_proj(kv), self.v_proj(kv)
-        out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
@@ -81,9 +82,24 @@ class AttnBlock(nn.Module):
         self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x):
-        x = x + self.drop_path(self.attn(self.norm1(x)))
+    def forward(self, x, mask=None):
+        x = x + self.drop_path(self.attn(self.norm1(x), mask=mask))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def local_attention_mask(h: int, w: int, num_group: int, window: int) -> torch.Tensor:
+    """(hw + K) x (hw + K) bool attention mask, true where a query may attend to a key: an image
+    token sees the image tokens within ``window`` patches (Chebyshev distance) and no group token,
+    a group token sees every token. Without it (GroupViT) every image token sees the whole image
+    after one layer, so a background token can carry what the shapes are."""
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    dist = torch.maximum((ys[:, None] - ys[None]).abs(), (xs[:, None] - xs[None]).abs())
+    n = h * w
+    mask = torch.ones(n + num_group, n + num_group, dtype=torch.bool)
+    mask[:n, :n] = dist <= window
+    mask[:n, n:] = False
+    return mask
 
 
 class CrossAttnBlock(nn.Module):
@@ -192,10 +208,12 @@ class GroupingLayer(nn.Module):
         gumbel_tau: float,
         gumbel: bool = True,
         segment_residual: bool = True,
+        attn_window: int | None = None,
     ):
         super().__init__()
         self.blocks = nn.ModuleList(AttnBlock(dim, heads, drop_path=d) for d in drop_path)
         self.num_group = num_group
+        self.attn_window = attn_window  # local attention of the image tokens (spatial input)
         self.grad_checkpointing = False  # set through GroupViT.grad_checkpointing
         self.downsample = None
         if num_group > 0:
@@ -213,18 +231,23 @@ class GroupingLayer(nn.Module):
             self.em = EMPrototypes(num_group, dim, npr["iters"], npr["momentum"], npr["ema"])
             self.recon = Mlp(dim, npr["hidden"], dim) if npr["enabled"] else None
 
-    def _blocks(self, x):
+    def _blocks(self, x, grid: tuple[int, int] | None = None, num_group: int = 0):
         """The transformer blocks; with ``grad_checkpointing`` (training) each block's
-        activations are recomputed in the backward instead of kept."""
+        activations are recomputed in the backward instead of kept. With ``attn_window`` and the
+        ``grid`` of the image tokens, they attend locally (:func:`local_attention_mask`)."""
+        mask = None
+        if self.attn_window is not None and grid is not None and self.blocks:
+            mask = local_attention_mask(*grid, num_group, self.attn_window).to(x.device)
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
-            x = checkpoint(blk, x, use_reentrant=False) if ckpt else blk(x)
+            x = checkpoint(blk, x, mask, use_reentrant=False) if ckpt else blk(x, mask)
         return x
 
-    def forward(self, x, prev_groups=None):
+    def forward(self, x, prev_groups=None, grid: tuple[int, int] | None = None):
+        """``grid``: (h, w) when ``x`` holds the image tokens (the first stage), else None."""
         out: dict = {}
         if self.downsample is None:
-            return self._blocks(x), None, out
+            return self._blocks(x, grid), None, out
         protos = z = None
         if self.recon is not None:
             protos, z = self.em(x)  # on the stage's input tokens, no gradient
@@ -233,7 +256,7 @@ class GroupingLayer(nn.Module):
             groups = groups + self.group_projector(prev_groups)
         n = x.shape[1]
         xg = torch.cat([x, groups], dim=1)
-        xg = self._blocks(xg)
+        xg = self._blocks(xg, grid, groups.shape[1])
         x, groups = xg[:, :n], xg[:, n:]
         if self.recon is not None:
             x = x + self.recon((z @ protos).to(x.dtype))  # reconstruction X_hat = Z mu
@@ -257,6 +280,7 @@ class GroupViT(nn.Module):
         gumbel_tau: float = 1.0,
         gumbel: bool = True,
         segment_residual: bool = True,
+        attn_window: int | None = None,
     ):
         super().__init__()
         self.patch_embed = nn.Module()  # GroupViT's names: patch_embed.proj, patch_embed.norm
@@ -283,6 +307,7 @@ class GroupViT(nn.Module):
                     gumbel_tau,
                     gumbel,
                     segment_residual,
+                    attn_window if i == 0 else None,  # later stages see segments, not patches
                 )
             )
             start, prev = start + depth, group_tokens[i]
@@ -313,8 +338,8 @@ class GroupViT(nn.Module):
         h, w = x.shape[-2:]
         x = self.patch_embed.norm(x.flatten(2).transpose(1, 2)) + self.interpolate_pos(h, w)
         stages, groups = [], None
-        for layer in self.layers:
-            x, groups, out = layer(x, groups)
+        for i, layer in enumerate(self.layers):
+            x, groups, out = layer(x, groups, (h, w) if i == 0 else None)
             if out:
                 stages.append(out)
         x = self.norm(x)

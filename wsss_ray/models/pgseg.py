@@ -2,9 +2,10 @@
 (METHODS.md 1.1-1.3). Named sizes: ``vit_s`` (the paper's), ``tiny`` (CPU, seconds; two
 grouping stages like ``vit_s``, what the tests exercise) and ``tiny_seg`` (the demo's: one grouping
 stage of 8 groups, which on the synthetic shapes world segments where two stages of 16 -> 4
-groups merge the shapes into the background; no transformer layer after the grouping and no
-group-token residual in the segment tokens, so a background segment does not carry the shapes;
-README, "Zero-shot segmentation").
+groups merge the shapes into the background; no transformer layer after the grouping, no
+group-token residual in the segment tokens, and image tokens that attend only to themselves
+(``attn_window=0``; the group tokens still see the whole image), so a background segment does
+not carry the shapes; README, "Zero-shot segmentation").
 
 Text-side prototypes (T-NPR), ``text_mode``:
 - ``tokens`` (our design): EM with K = 8 over the text tower's token features (padding masked),
@@ -47,6 +48,9 @@ class PGSegSize:
     drop_path: float
     #: GroupViT adds the group token to its segment token; false keeps segments to their pixels
     segment_residual: bool = True
+    #: None (GroupViT): image tokens attend to the whole image; r: the first stage's image tokens
+    #: attend only to those within r patches and not to the group tokens
+    attn_window: int | None = None
 
 
 SIZES = {
@@ -55,9 +59,25 @@ SIZES = {
     ),
     "tiny": PGSegSize(64, 8, 64, 2, (1, 1, 1), (16, 4, 0), (16, 4), 64, 2, 2, 32, 64, 256, 0.0),
     # the demo's size: tiny's widths with one grouping stage (2 layers, 8 groups), no layer after
-    # it and no group-token residual: each final token is its own segment's (README, "Zero-shot")
+    # it, no group-token residual, image tokens that attend only to themselves: each final token
+    # is computed from its own segment's pixels only (README, "Zero-shot")
     "tiny_seg": PGSegSize(
-        64, 8, 64, 2, (2, 0), (8, 0), (8,), 64, 2, 2, 32, 64, 256, 0.0, segment_residual=False
+        64,
+        8,
+        64,
+        2,
+        (2, 0),
+        (8, 0),
+        (8,),
+        64,
+        2,
+        2,
+        32,
+        64,
+        256,
+        0.0,
+        segment_residual=False,
+        attn_window=0,
     ),
 }
 
@@ -112,6 +132,7 @@ class PGSeg(nn.Module):
             gumbel_tau,
             gumbel_noise,
             s.segment_residual,
+            s.attn_window,
         )
         self.text_encoder = TextTransformer(
             context_length=s.context_length,
