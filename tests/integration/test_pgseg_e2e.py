@@ -114,12 +114,12 @@ def test_pgseg_trains_and_logs_every_term(ray_local, tmp_path):
 def test_demo_segments_above_the_trivial_baselines(ray_local, tmp_path):
     """Issue 4's claim, on exactly what `make demo` runs (configs/pgseg/tiny.yaml, 600 steps,
     about 5-6 minutes on 2 cores) and what the README's eval command runs: zero-shot mIoU on the
-    48 unseen synthetic VOC-layout val images is above both trivial baselines. Five demo runs of
-    the earlier tiny_seg gave 21.7, 16.7, 17.0, 10.1 and 17.2 against an all-background floor of
-    14.3 and random group labels of 3.4-5.9 (the fourth fails this test); the current tiny_seg
-    (segment tokens kept to their segment) 24.5 and 13.2 (fails), and with 8,192 training images
-    (the config now) 21.2. The margin is the issue's minimum, not its "clearly"; the issue is
-    open until the demo clears it in every run."""
+    48 unseen synthetic VOC-layout val images is above both trivial baselines (floor 14.3, random
+    group labels 3.4-5.9). Earlier recipes: 21.7, 16.7, 17.0, 10.1 (fails), 17.2; then 24.5, 13.2
+    (fails), 21.2, 15.4. The current tiny_seg (image tokens attend only to themselves): 33.6 and
+    39.2, and with other seeds 44.5, 29.8, 29.6 (README, "Zero-shot segmentation", lists every
+    run). "Clearly above": at least 1.5x the floor and 3x random, which 7 of the 9 earlier
+    runs missed and every current run clears."""
     cfg = load_config(
         PGSegPretrainConfig, "configs/pgseg/tiny.yaml", [f"run.output_dir={tmp_path}"]
     )
@@ -139,4 +139,4 @@ def test_demo_segments_above_the_trivial_baselines(ray_local, tmp_path):
     rand = res["baseline/random_groups_miou"]
     print(f"demo zero-shot mIoU {res['miou']:.3f}, all background {floor:.3f}, random {rand:.3f}")
     assert res["images"] == 48
-    assert res["miou"] > floor + 0.01 and res["miou"] > 2 * rand, res
+    assert res["miou"] >= 1.5 * floor and res["miou"] > 3 * rand, res
