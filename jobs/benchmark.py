@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=cpus,
         help=f"decode actors = DataLoader workers = ceiling cores (default: nproc = {cpus})",
     )
+    p.add_argument(
+        "--actors",
+        type=int,
+        default=d.actors,
+        help="decode actors of ours, sharing the --cpus CPUs (cpus/actors each; 0: one per CPU)",
+    )
     p.add_argument("--decode-batch", type=int, default=d.decode_batch, help="rows per decode call")
     p.add_argument("--batch", type=int, default=d.batch, help="consumer batch size")
     p.add_argument(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 
@@ -121,6 +122,8 @@ def test_data_toy(tmp_path, capsys, ray_local):
             "16",
             "--cpus",
             "2",
+            "--actors",
+            "3",
             "--decode-batch",
             "8",
             "--batch",
@@ -140,6 +143,25 @@ def test_data_toy(tmp_path, capsys, ray_local):
     assert fig["ours"]["images"]["values"] == fig["plain"]["images"]["values"] == [64.0]
     assert fig["ours_over_plain"]["n"] == 1
     assert [t["met"] is not None for t in report["targets"]] == [True, True]
+    assert "3 actors on 2 CPUs" in printed and "where the cores go" in printed
+    for name in ("ours", "ours_fused"):  # the steady state's CPU time, per process group
+        assert fig[name]["cores/decode actors"]["values"][0] > 0
+        assert fig[name]["decode_images_per_cpu_s"]["values"][0] > 0
+
+
+def test_cpu_meter_counts_this_process_as_the_consumer():
+    from wsss_ray.bench.common import CpuMeter
+
+    meter = CpuMeter()
+    meter.start()
+    t0 = time.process_time()
+    while time.process_time() - t0 < 0.3:  # 0.3 s of this process's CPU
+        sum(range(1000))
+    meter.stop(images=30)
+    sec = meter.seconds["consumer"]
+    assert 0.25 < sec < 1.5  # this loop, plus whatever threads the process runs besides
+    assert meter.cores()["consumer"] == sec / meter.wall > 0
+    assert meter.images_per_cpu_second("consumer") == 30 / sec
 
 
 def test_eval_toy(tmp_path, capsys, ray_local):

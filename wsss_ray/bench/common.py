@@ -265,14 +265,91 @@ class Report:
         return self.render()
 
 
-def consume(batches: Any, count: Callable[[Any], int], skip: int = 1) -> dict[str, float]:
+#: process groups of :class:`CpuMeter`: (group, substring of the command line), first match wins
+CPU_GROUPS = (
+    ("decode actors", "MapBatches("),
+    ("split coordinator", "SplitCoordinator"),
+    ("ray daemons", "raylet"),
+    ("ray daemons", "gcs_server"),
+    ("ray daemons", "ray/dashboard"),
+    ("ray daemons", "log_monitor"),
+    ("other ray workers", "ray::"),
+    ("other ray workers", "default_worker.py"),
+)
+
+
+def _cpu_group(cmdline: str, pid: int) -> str:
+    if pid == os.getpid():
+        return "consumer"
+    for group, needle in CPU_GROUPS:
+        if needle in cmdline:
+            return group
+    return "rest of the machine"
+
+
+class CpuMeter:
+    """CPU seconds per process group (:data:`CPU_GROUPS`, the consumer = this process) between
+    :meth:`start` and :meth:`stop`, from psutil. Only processes alive at both ends count, so call
+    both while the pipeline's processes run (``consume`` does: at the steady state's first batch
+    and when ``stop_after`` images have arrived). Answers where a pipeline's cores go."""
+
+    def __init__(self) -> None:
+        self._start: dict[int, tuple[str, float]] = {}
+        self._t0 = 0.0
+        self.seconds: dict[str, float] = {}
+        self.wall = 0.0
+        self.images = 0
+
+    @staticmethod
+    def _snapshot() -> dict[int, tuple[str, float]]:
+        import psutil
+
+        out = {}
+        for proc in psutil.process_iter(["pid", "cmdline", "cpu_times"]):
+            info = proc.info
+            times = info.get("cpu_times")
+            if times is None:
+                continue
+            cmd = " ".join(info.get("cmdline") or [])
+            out[info["pid"]] = (_cpu_group(cmd, info["pid"]), times.user + times.system)
+        return out
+
+    def start(self) -> None:
+        self._start, self._t0 = self._snapshot(), time.perf_counter()
+
+    def stop(self, images: int) -> None:
+        end, self.wall = self._snapshot(), time.perf_counter() - self._t0
+        self.images = images
+        self.seconds = {}
+        for pid, (group, cpu) in end.items():
+            if pid in self._start:
+                self.seconds[group] = self.seconds.get(group, 0.0) + cpu - self._start[pid][1]
+
+    def cores(self) -> dict[str, float]:
+        """Average cores busy per group over the window."""
+        return {g: sec / max(self.wall, 1e-9) for g, sec in self.seconds.items()}
+
+    def images_per_cpu_second(self, group: str) -> float:
+        return self.images / max(self.seconds.get(group, 0.0), 1e-9)
+
+
+def consume(
+    batches: Any,
+    count: Callable[[Any], int],
+    skip: int = 1,
+    meter: CpuMeter | None = None,
+    meter_images: int = 0,
+) -> dict[str, float]:
     """Drain an iterator of batches. ``images_per_s`` is the steady state: from the arrival of
     batch ``skip`` to the last (with N parallel producers the first N batches arrive together
-    after start-up, so ``skip`` = N); ``first_batch_s`` is the start-up."""
+    after start-up, so ``skip`` = N); ``first_batch_s`` is the start-up. With ``meter``, CPU
+    time is measured from batch ``skip`` until ``meter_images`` images have arrived (before the
+    last batch, while the producers are still alive)."""
     t0 = time.perf_counter()
     n = seen = 0
     t_first = t_skip = None
     n_skip = 0
+    metering = False
     for batch in batches:
         n += count(batch)
         seen += 1
@@ -280,6 +357,12 @@ def consume(batches: Any, count: Callable[[Any], int], skip: int = 1) -> dict[st
             t_first = time.perf_counter()
         if seen == skip:
             t_skip, n_skip = time.perf_counter(), n
+            if meter is not None:
+                meter.start()
+                metering = True
+        elif metering and n >= meter_images:
+            meter.stop(n - n_skip)
+            metering = False
     t_end = time.perf_counter()
     if t_first is None:
         raise RuntimeError("the pipeline produced no batch")

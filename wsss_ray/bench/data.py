@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from wsss_ray.bench.common import (
+    CpuMeter,
     Report,
     Target,
     consume,
@@ -55,9 +56,10 @@ class DataBenchConfig:
     context_length: int = 77
     samples_per_shard: int = 256
     cpus: int = 2  # actors of ours = DataLoader workers of plain = cores of the ceiling
+    actors: int = 0  # decode actors of ours on those cpus (cpus / actors CPUs each); 0: = cpus
     decode_batch: int = 256  # rows per decode call (= data.decode_batch_size's default)
     batch: int = 64  # what the consumer asks for (iter_torch_batches batch_size)
-    ceiling_images: int = 512  # images decoded in-process for the one-core rate
+    ceiling_images: int = 2048  # images decoded in-process for the one-core rate (512: +-35%)
     repeats: int = 3
     warmup: int = 1
     data_dir: str = "outputs/bench/shards"
@@ -146,6 +148,7 @@ def ours_pass(
     from wsss_ray.data.webdataset import image_text_dataset
 
     k = _decoder_kwargs(cfg)
+    actors = decode_actors(cfg)
     ds = image_text_dataset(
         paths,
         k["tokenizer_name"],
@@ -153,20 +156,47 @@ def ours_pass(
         k["crop_scale"],
         k["hflip"],
         batch_size=cfg.decode_batch,
-        actors=(cfg.cpus, cfg.cpus),
-        cpus_per_actor=1.0,
+        actors=(actors, actors),
+        cpus_per_actor=cfg.cpus / actors,  # the same cpus, however many actors share them
         context_length=k["context_length"],
         reader=reader,
     )
     shard = ds.streaming_split(1, equal=False)[0]  # what ray.train.get_dataset_shard returns
     batches = shard.iter_torch_batches(batch_size=cfg.batch, drop_last=True)
-    return consume(batches, _images, skip=first_outputs(cfg))
+    meter = CpuMeter()
+    until = cfg.num_images * 9 // 10  # stop metering before the actors exit
+    out = consume(batches, _images, skip=first_outputs(cfg), meter=meter, meter_images=until)
+    if meter.seconds:  # where the cores went in the steady state
+        for group in CPU_REPORT_GROUPS:
+            out[f"cores/{group}"] = meter.cores().get(group, 0.0)
+        out["decode_images_per_cpu_s"] = meter.images_per_cpu_second("decode actors")
+    return out
+
+
+#: the process groups the report shows (``wsss_ray.bench.common.CPU_GROUPS``)
+CPU_REPORT_GROUPS = (
+    "decode actors",
+    "split coordinator",
+    "consumer",
+    "ray daemons",
+    "other ray workers",
+    "rest of the machine",
+)
+
+
+def _cell(r: dict, key: str) -> str:
+    return r[key].fmt(2) if key in r else "-"
+
+
+def decode_actors(cfg: DataBenchConfig) -> int:
+    """Decode actors of ours: ``cfg.actors``, or one per CPU."""
+    return cfg.actors or cfg.cpus
 
 
 def first_outputs(cfg: DataBenchConfig) -> int:
     """Consumer batches that hold the producers' first outputs (start-up, not steady state):
     each of the ``cpus`` actors' first decode batch is ``decode_batch / batch`` of them."""
-    return cfg.cpus * max(1, -(-cfg.decode_batch // cfg.batch))
+    return decode_actors(cfg) * max(1, -(-cfg.decode_batch // cfg.batch))
 
 
 # ------------------------------------------------------------------------------------ plain
@@ -296,6 +326,9 @@ def run(cfg: DataBenchConfig, out: str | None = None) -> Report:
     plain_vs_ceiling = paired_ratio(plain["images_per_s"], ceil["images_per_s"])
     reader = default_reader()
 
+    n_act = decode_actors(cfg)
+    on_cpus = f" on {cfg.cpus} CPUs" if n_act != cfg.cpus else ""
+
     def pipeline_row(name: str, r: dict) -> list[str]:
         return [name, *rate_cells(r)]
 
@@ -307,9 +340,11 @@ def run(cfg: DataBenchConfig, out: str | None = None) -> Report:
         ["pipeline", "images/s", "spread", "images/pass", "first batch (s)", "incl. start-up"],
         [
             pipeline_row(
-                f"ours: Ray Data, {cfg.cpus} decode actors, {mark('read_webdataset')}", ours
+                f"ours: Ray Data, {n_act} decode actors{on_cpus}, {mark('read_webdataset')}", ours
             ),
-            pipeline_row(f"ours (fused): {cfg.cpus} actors read + decode, {mark('fused')}", fused),
+            pipeline_row(
+                f"ours (fused): {n_act} actors{on_cpus} read + decode, {mark('fused')}", fused
+            ),
             pipeline_row(f"plain: webdataset + DataLoader({cfg.cpus} workers)", plain),
             [
                 f"ceiling: 1-core decode+crop x {cfg.cpus}",
@@ -344,6 +379,24 @@ def run(cfg: DataBenchConfig, out: str | None = None) -> Report:
             ),
         ],
     )
+    per_core = ceil["per_core_images_per_s"]
+    eff = {
+        name: paired_ratio(r["decode_images_per_cpu_s"], per_core)
+        for name, r in (("ours", ours), ("ours_fused", fused))
+        if "decode_images_per_cpu_s" in r
+    }
+    if eff:
+        report.table(
+            "where the cores go (steady state: cores busy on average, from psutil)",
+            ["process group", "ours (read_webdataset)", "ours (fused)"],
+            [[g, *(_cell(r, f"cores/{g}") for r in (ours, fused))] for g in CPU_REPORT_GROUPS]
+            + [
+                [
+                    "decode actors: images per CPU-second / 1-core ceiling",
+                    *(eff[n].fmt() if n in eff else "-" for n in ("ours", "ours_fused")),
+                ]
+            ],
+        )
     on_plain, on_ceiling = (
         (fused_vs_plain, fused_vs_ceiling) if reader == "fused" else (vs_plain, vs_ceiling)
     )
@@ -363,6 +416,7 @@ def run(cfg: DataBenchConfig, out: str | None = None) -> Report:
         "fused_over_ceiling": fused_vs_ceiling,
         "fused_over_ours": fused_vs_ours,
         "plain_over_ceiling": plain_vs_ceiling,
+        "decode_efficiency": eff,
     }
     for name, r in (("ours", ours), ("ours (fused)", fused)):
         if r["images"].values != plain["images"].values:
