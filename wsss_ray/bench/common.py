@@ -330,7 +330,10 @@ class CpuMeter:
         return {g: sec / max(self.wall, 1e-9) for g, sec in self.seconds.items()}
 
     def images_per_cpu_second(self, group: str) -> float:
-        return self.images / max(self.seconds.get(group, 0.0), 1e-9)
+        """Images per CPU-second of ``group``; NaN when it used no measurable CPU (e.g. its
+        processes exited before the window closed)."""
+        sec = self.seconds.get(group, 0.0)
+        return self.images / sec if sec > 0 else float("nan")
 
 
 def consume(
