@@ -291,7 +291,7 @@ class CpuMeter:
     """CPU seconds per process group (:data:`CPU_GROUPS`, the consumer = this process) between
     :meth:`start` and :meth:`stop`, from psutil. Only processes alive at both ends count, so call
     both while the pipeline's processes run (``consume`` does: at the steady state's first batch
-    and when ``stop_after`` images have arrived). Answers where a pipeline's cores go."""
+    and when ``meter_images`` images have arrived). Answers where a pipeline's cores go."""
 
     def __init__(self) -> None:
         self._start: dict[int, tuple[str, float]] = {}

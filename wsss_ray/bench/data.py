@@ -17,7 +17,10 @@ Each pass reads every image once. The headline rate is the steady state, from th
 producers' first outputs (the parallel producers' first batches arrive together after start-up:
 ``cpus`` batches for plain, ``cpus x decode_batch / batch`` consumer batches for ours) to the last;
 start-up (worker processes importing torch, the actor pool, Ray Data's coordinator) is paid once
-per pass, i.e. per epoch, and is reported separately as the time to the first batch. The shards
+per pass, i.e. per epoch, and is reported separately as the time to the first batch. For ours,
+:class:`~wsss_ray.bench.common.CpuMeter` also accounts the steady state's CPU seconds per process
+group (decode actors, split coordinator, consumer, Ray's daemons, read tasks): where the cores go,
+and the decode actors' images per CPU-second against the ceiling's one-core rate. The shards
 are the synthetic shapes world written as real WebDataset tars by
 :func:`wsss_ray.data.synthetic.ensure_synthetic_shards` (kept under ``--data-dir``).
 """
