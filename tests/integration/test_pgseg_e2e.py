@@ -117,8 +117,8 @@ def test_demo_segments_above_the_trivial_baselines(ray_local, tmp_path):
     48 unseen synthetic VOC-layout val images is above both trivial baselines (floor 14.3, random
     group labels 3.4-5.9). Earlier recipes: 21.7, 16.7, 17.0, 10.1 (fails), 17.2; then 24.5, 13.2
     (fails), 21.2, 15.4. The current tiny_seg (image tokens attend only to themselves): 33.6 and
-    39.2, and with other seeds 44.5, 29.8, 29.6, then 35.3 (README, "Zero-shot segmentation", lists every
-    run). "Clearly above": at least 1.5x the floor and 3x random, which 7 of the 9 earlier
+    39.2, with other seeds 44.5, 29.8, 29.6, then 35.3 (README, "Zero-shot segmentation", lists
+    every run). "Clearly above": at least 1.5x the floor and 3x random, which 7 of the 9 earlier
     runs missed and every current run clears."""
     cfg = load_config(
         PGSegPretrainConfig, "configs/pgseg/tiny.yaml", [f"run.output_dir={tmp_path}"]
