@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from wsss_ray.data.tarstream import iter_tar_files
+
 log = logging.getLogger(__name__)
 
 TRUNCATED_KEY = "__truncated__"
@@ -60,8 +62,9 @@ _TAR_ERRORS = (tarfile.TarError, EOFError, OSError, ValueError)
 def iter_tar_samples(
     stream: Any, path: str, fileselect: Any = None, suffixes: Any = None
 ) -> Iterator[dict]:
-    """The WebDataset samples of one tar stream (Ray's tar iteration and key grouping: dicts of
-    ``__key__``, ``__url__`` and one bytes value per extension). A truncated or corrupt tar ends
+    """The WebDataset samples of one tar stream (:func:`~wsss_ray.data.tarstream.iter_tar_files`,
+    Ray's file selection and key grouping: dicts of ``__key__``, ``__url__`` and one bytes value
+    per extension). A truncated or corrupt tar ends
     early instead of raising: the samples before the break are kept, a warning is logged and a
     last ``{"__key__": TRUNCATED_KEY}`` marker sample is yielded for the decoder to count."""
     from ray.data._internal.datasource import webdataset_datasource as wdsrc
@@ -70,7 +73,9 @@ def iter_tar_samples(
 
     def files() -> Iterator[dict]:
         try:
-            yield from wdsrc._tar_file_iterator(stream, fileselect=fileselect)
+            for name, data in iter_tar_files(stream):
+                if fileselect is None or wdsrc._check_suffix(name, fileselect):
+                    yield {"fname": name, "data": data}
         except _TAR_ERRORS as err:
             broken.append(f"{type(err).__name__}: {err}")
 
