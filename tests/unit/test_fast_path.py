@@ -301,3 +301,17 @@ def test_channels_last_crop_is_bit_identical_to_the_v2_transform():
         want = reference(rgb).permute(1, 2, 0).numpy()
         assert got.flags["C_CONTIGUOUS"] and got.shape == (64, 64, 3)
         assert np.array_equal(got, want)
+
+
+def test_batch_array_holds_the_same_crops_as_single_decodes():
+    """The decoder writes crops straight into its batch array; an undecodable image in the
+    middle leaves no hole (the next crop takes its row) and the array is trimmed to the kept."""
+    rows = _rows()
+    rows["jpg"][3] = b"not a jpeg"
+    decoder = _decoder(False)
+    torch.manual_seed(5)
+    batch = decoder(rows)
+    torch.manual_seed(5)
+    single = [decoder._image(b) for i, b in enumerate(rows["jpg"]) if i != 3]
+    assert batch["image"].shape == (5, 64, 64, 3) and batch["skipped"][0] == 1
+    assert np.array_equal(batch["image"], np.stack(single))
