@@ -31,7 +31,9 @@ Two readers feed the same decode (``data.reader``, default ``fused``):
 Bad samples (undecodable image, missing or empty caption, the tail of a truncated tar) are
 dropped and counted, never fatal. Ray's reader fails the whole read task on a truncated tar, so
 both readers go through :func:`iter_tar_samples`, which stops that shard at the break, keeps what
-came before and emits a marker row the decoder counts.
+came before and emits a marker row the decoder counts. It reads the tar with
+:func:`wsss_ray.data.tarstream.iter_tar_files` (a lean header parser, ~8x cheaper per sample than
+``tarfile``) and groups the files into samples with Ray's key grouping.
 """
 
 from __future__ import annotations
