@@ -145,3 +145,20 @@ def test_numbers_octal_and_base256():
     assert _number(b"\x80" + (9_000_000_000).to_bytes(11, "big")) == 9_000_000_000
     with pytest.raises(tarfile.ReadError):
         _number(b"12x4\0\0\0\0")
+
+
+def test_old_style_directory_entry_is_not_a_file():
+    """A v7 tar marks a directory by a type-'\\0' entry whose name ends in '/'; tarfile calls it
+    a directory, and so do we."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in (("d/", b""), ("d/x.txt", b"xyz")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    raw = bytearray(buf.getvalue())
+    raw[156] = 0  # the first entry's type '0' -> '\0', then its checksum again
+    raw[148:156] = b" " * 8
+    raw[148:156] = b"%06o\0 " % sum(raw[:512])
+    assert list(iter_tar_files(io.BytesIO(bytes(raw)))) == _reference(bytes(raw))
+    assert list(iter_tar_files(io.BytesIO(bytes(raw)))) == [("d/x.txt", b"xyz")]

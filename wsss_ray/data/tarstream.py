@@ -10,9 +10,10 @@ here, against ~1.5 ms to decode and crop the sample's 224 px JPEG (docs/PERFORMA
 
 What is read: POSIX ustar, GNU and v7 headers; PAX extended (``x``) and global (``g``) headers
 (``path`` and ``size``); GNU long names (``L``). Regular files (types ``0``, ``\\0``, ``7``) are
-yielded; directories, links, devices and GNU long link names are skipped. Every header's
-checksum is verified, as ``tarfile`` does. A compressed tar (gzip, bzip2, xz) is handed to
-``tarfile`` (rare for WebDataset shards, which are plain tars so that they can be streamed).
+yielded; directories (old-style ``\\0`` entries named ``dir/`` too), links, devices, GNU sparse
+files and GNU long link names are skipped. Every header's checksum is verified, as ``tarfile``
+does. A compressed tar (gzip, bzip2, xz) is handed to ``tarfile`` (rare for WebDataset shards,
+which are plain tars so that they can be streamed).
 
 Errors: a bad checksum raises :class:`tarfile.ReadError`; a tar that ends inside a header or a
 file raises :class:`tarfile.ReadError` ("unexpected end of data") after every complete file
@@ -193,6 +194,8 @@ def iter_tar_files(stream: Any, encoding: str = "utf-8") -> Iterator[tuple[str, 
         if size % BLOCK:
             _read_exact(read, BLOCK - size % BLOCK)
         if kind in _REGULAR:
-            yield _name(header, pax, global_pax, long_name, encoding), data
+            name = _name(header, pax, global_pax, long_name, encoding)
+            if not (kind == b"\0" and name.endswith("/")):  # old-style directory entry
+                yield name, data
         pax, long_name = {}, None
         header = _read_header(read)
