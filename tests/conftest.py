@@ -16,16 +16,56 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 def ray_local():
     import ray
 
-    from wsss_ray.runtime import embedded_runtime_env
-
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=6,
-            include_dashboard=False,
-            runtime_env=embedded_runtime_env({"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}),
-        )
+        _ray_init()
     yield ray
     ray.shutdown()
+
+
+def _ray_init():
+    import ray
+
+    from wsss_ray.runtime import embedded_runtime_env
+
+    ray.init(
+        num_cpus=6,
+        include_dashboard=False,
+        runtime_env=embedded_runtime_env({"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}),
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_checkpoint(tmp_path_factory):
+    """The tiny CLIP (40 steps on 1,024 synthetic images) that the VPL end-to-end tests and the
+    VPL sweep start from, trained once per session (~70 s on 2 cores). It starts Ray for the
+    training if none is up and shuts down only what it started, so the module-scoped
+    ``ray_local`` keeps its meaning."""
+    import ray
+
+    from wsss_ray.config import ClipPretrainConfig, load_config
+    from wsss_ray.train.driver import run
+
+    tmp = tmp_path_factory.mktemp("tiny_clip")
+    cfg = load_config(
+        ClipPretrainConfig,
+        "configs/clip/tiny.yaml",
+        [
+            f"run.output_dir={tmp}",
+            "train.max_steps=40",
+            "train.ckpt_every=40",
+            "data.synthetic.num_images=1024",
+            "data.decode_actors=[1,1]",
+            "tracking.enabled=false",
+        ],
+    )
+    started = not ray.is_initialized()
+    if started:
+        _ray_init()
+    try:
+        return run(cfg).checkpoint
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def write_sample(sink, scene, jpeg=None, caption=None) -> None:

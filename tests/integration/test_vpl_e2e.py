@@ -19,29 +19,15 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from jobs import eval_vpl, train_vpl, vpl_prototypes, vpl_pseudo_labels
-from wsss_ray.config import ClipPretrainConfig, load_config
 from wsss_ray.data.segmentation import open_source, read_mask
 from wsss_ray.eval.miou import confusion_matrix, iou_from_confusion
-from wsss_ray.train.driver import run
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, ray_local):
-    """A folder holding the tiny CLIP run (40 steps) every test of the module starts from."""
-    tmp_path = tmp_path_factory.mktemp("vpl")
-    clip_cfg = load_config(
-        ClipPretrainConfig,
-        "configs/clip/tiny.yaml",
-        [
-            f"run.output_dir={tmp_path}",
-            "train.max_steps=40",
-            "train.ckpt_every=40",
-            "data.synthetic.num_images=1024",
-            "data.decode_actors=[1,1]",
-        ],
-    )
-    clip = run(clip_cfg)
-    return tmp_path, clip.checkpoint
+def workdir(tmp_path_factory, ray_local, tiny_clip_checkpoint):
+    """(a folder every test of the module writes into, the session's tiny CLIP checkpoint:
+    40 steps, see ``tests/conftest.py``)."""
+    return tmp_path_factory.mktemp("vpl"), tiny_clip_checkpoint
 
 
 def _common(tmp_path, checkpoint) -> list[str]:
