@@ -86,7 +86,11 @@ class OptimConfig:
     betas: list[float] = _f([0.9, 0.999], "AdamW betas")
     eps: float = _f(1e-8, "AdamW eps")
     grad_clip: float = _f(5.0, "gradient clipping norm (0 = off)")
-    schedule: str = _f("cosine", "after the warm-up: cosine (to min_lr) | poly (to 0)")
+    schedule: str = _f(
+        "cosine",
+        "after the warm-up: cosine (to min_lr, over the steps after it) | timm_cosine (timm's "
+        "CosineLRScheduler as GroupViT/PGSeg: cosine of the absolute step) | poly (to 0)",
+    )
     poly_power: float = _f(0.9, "power of the poly schedule")
 
 
@@ -523,7 +527,11 @@ def validate(cfg: Any) -> None:
 
     if isinstance(cfg, TrainJobConfig):
         t, d, o = cfg.train, cfg.data, cfg.optim
-        need(o.schedule in ("cosine", "poly"), "optim.schedule", "cosine | poly")
+        need(
+            o.schedule in ("cosine", "timm_cosine", "poly"),
+            "optim.schedule",
+            "cosine | timm_cosine | poly",
+        )
         need(
             t.max_steps > 0 or t.max_samples > 0, "train.max_steps", "give max_steps or max_samples"
         )

@@ -7,7 +7,7 @@ import math
 from wsss_ray.config import ClipPretrainConfig, load_config
 from wsss_ray.train.deepspeed_config import deepspeed_config, total_steps
 from wsss_ray.train.loop import NonFiniteGuard
-from wsss_ray.train.schedule import warmup_cosine
+from wsss_ray.train.schedule import schedule_factor, timm_cosine, warmup_cosine
 
 
 def test_nonfinite_guard_stops_after_k_in_a_row_only():
@@ -27,6 +27,41 @@ def test_warmup_cosine_endpoints():
     assert math.isclose(f(60) * 1e-3, (1e-3 + 1e-5) / 2)
     assert math.isclose(f(110) * 1e-3, 1e-5)
     assert all(f(i) >= f(i + 1) for i in range(10, 110))
+
+
+def test_timm_cosine_hand_computed_and_equal_to_timm():
+    """GroupViT/PGSeg's schedule (timm CosineLRScheduler, warmup_prefix=False): 10 warm-up steps of
+    30, the cosine on the absolute step. Hand-computed: step 5 = 1e-6 + 5 * (1e-4 - 1e-6) / 10;
+    step 10 = 1e-5 + 0.5 * 9e-5 * (1 + cos(pi / 3)) = 7.75e-5 (a drop from 1e-4); step 15 =
+    1e-5 + 0.5 * 9e-5 * (1 + cos(pi / 2)) = 5.5e-5; step 30 and after: 1e-5."""
+    import torch
+    from timm.scheduler import CosineLRScheduler
+
+    f = timm_cosine(lr=1e-4, min_lr=1e-5, warmup_start_lr=1e-6, warmup_steps=10, total_steps=30)
+    assert math.isclose(f(0) * 1e-4, 1e-6)
+    assert math.isclose(f(5) * 1e-4, 1e-6 + 5 * (1e-4 - 1e-6) / 10)
+    assert math.isclose(f(10) * 1e-4, 7.75e-5)
+    assert math.isclose(f(15) * 1e-4, 5.5e-5)
+    assert math.isclose(f(30) * 1e-4, 1e-5) and math.isclose(f(45) * 1e-4, 1e-5)
+    # and step for step the library the reference calls (timm), as main_group_vit.py builds it
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+    ref = CosineLRScheduler(
+        opt,
+        t_initial=30,
+        lr_min=1e-5,
+        warmup_lr_init=1e-6,
+        warmup_t=10,
+        cycle_limit=1,
+        t_in_epochs=False,
+    )
+    for step in range(40):
+        ref.step_update(step)
+        assert math.isclose(opt.param_groups[0]["lr"], f(step) * 1e-4, rel_tol=1e-9), step
+    # and it is what optim.schedule=timm_cosine selects
+    cfg = load_config(
+        ClipPretrainConfig, None, ["optim.schedule=timm_cosine", "train.max_steps=30"]
+    )
+    assert schedule_factor(cfg.optim, 30)(15) == timm_cosine(1e-4, 1e-5, 1e-6, 0, 30)(15)
 
 
 def test_deepspeed_config_and_length_from_samples():

@@ -1,6 +1,15 @@
 """Learning-rate schedules as LambdaLR factors of ``lr``: linear warm-up from
 ``warmup_start_lr`` to ``lr``, then per-step cosine to ``min_lr`` (the PGSeg / GroupViT recipe)
-or poly decay to 0 (the WeCLIP / DeepLab recipe used by VPL phase 2)."""
+or poly decay to 0 (the WeCLIP / DeepLab recipe used by VPL phase 2).
+
+Two cosines (``optim.schedule``):
+- ``cosine``: the cosine runs over the steps *after* the warm-up, so it starts at ``lr``;
+- ``timm_cosine``: timm's ``CosineLRScheduler`` as GroupViT and PGSeg build it
+  (``t_initial`` = all steps, ``warmup_t`` = warm-up steps, ``warmup_prefix=False``,
+  ``cycle_limit=1``, per-step updates): the cosine is a function of the *absolute* step, so
+  at the end of the warm-up it drops from ``lr`` to its value there (10 of 30 epochs:
+  ``min_lr + 0.75 (lr - min_lr)``), and from ``total_steps`` on it stays at ``min_lr``.
+"""
 
 from __future__ import annotations
 
@@ -45,9 +54,30 @@ def warmup_poly(
     )
 
 
+def timm_cosine(
+    lr: float, min_lr: float, warmup_start_lr: float, warmup_steps: int, total_steps: int
+) -> Callable[[int], float]:
+    """timm's ``CosineLRScheduler(t_initial=total_steps, lr_min=min_lr,
+    warmup_lr_init=warmup_start_lr, warmup_t=warmup_steps, warmup_prefix=False,
+    cycle_limit=1, t_in_epochs=False)`` at ``step_update(step)``, as a factor of ``lr``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            value = warmup_start_lr + (lr - warmup_start_lr) * step / warmup_steps
+        elif step < total_steps:
+            value = min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * step / total_steps))
+        else:
+            value = min_lr
+        return value / lr
+
+    return factor
+
+
 def schedule_factor(optim, total_steps: int) -> Callable[[int], float]:
-    """The LambdaLR factor ``optim.schedule`` names (cosine | poly)."""
+    """The LambdaLR factor ``optim.schedule`` names (cosine | timm_cosine | poly)."""
     o = optim
+    if o.schedule == "timm_cosine":
+        return timm_cosine(o.lr, o.min_lr, o.warmup_start_lr, o.warmup_steps, total_steps)
     if o.schedule == "poly":
         return warmup_poly(o.lr, o.warmup_start_lr, o.warmup_steps, total_steps, o.poly_power)
     return warmup_cosine(o.lr, o.min_lr, o.warmup_start_lr, o.warmup_steps, total_steps)
