@@ -24,6 +24,10 @@ T = TypeVar("T")
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+#: GroupViT / PGSeg normalise with ImageNet's statistics in training and zero-shot evaluation
+#: (their configs' img_norm_cfg; docs/FIDELITY.md); CLIP's are for CLIP towers only
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 class ConfigError(ValueError):
@@ -199,6 +203,12 @@ class ZeroShotConfig:
     bg_thresh: float = _f(
         -1.0, "background threshold; < 0 = dataset default (VOC .95 COCO .85 Context .36)"
     )
+    mean: list[float] = _f(
+        [],
+        "normalisation mean (RGB); [] = the model's training statistics: the run's data.mean in "
+        "periodic validation, ImageNet's (GroupViT/PGSeg) in the eval job",
+    )
+    std: list[float] = _f([], "normalisation std (RGB); [] as for mean")
     short_side: int = _f(448, "resize the short side to this before sliding")
     window: int = _f(448, "sliding window side")
     stride: int = _f(224, "sliding window stride")
@@ -291,6 +301,10 @@ class PGSegLossConfig:
 @dataclass
 class PGSegPretrainConfig(TrainJobConfig):
     task: str = "pgseg"
+    # GroupViT / PGSeg train with ImageNet statistics (CLIP pretraining keeps CLIP's)
+    data: DataConfig = field(
+        default_factory=lambda: DataConfig(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+    )
     model: PGSegModelConfig = field(default_factory=PGSegModelConfig)
     npr: NPRConfig = field(default_factory=NPRConfig)
     match: MatchConfig = field(default_factory=MatchConfig)
@@ -625,6 +639,11 @@ def validate(cfg: Any) -> None:
         need(z.window > 0 and 0 < z.stride <= z.window, f"{key}.stride", "0 < stride <= window")
         need(z.short_side > 0, f"{key}.short_side", "must be > 0")
         need(z.topk >= 0, f"{key}.topk", "must be >= 0")
+        need(
+            len(z.mean) == len(z.std) and len(z.mean) in (0, 3),
+            f"{key}.mean",
+            "mean and std need 3 values each (or both [])",
+        )
     infer = getattr(cfg, "infer", None)
     if isinstance(infer, InferenceConfig):
         need(

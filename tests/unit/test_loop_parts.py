@@ -31,18 +31,20 @@ def test_warmup_cosine_endpoints():
 
 def test_timm_cosine_hand_computed_and_equal_to_timm():
     """GroupViT/PGSeg's schedule (timm CosineLRScheduler, warmup_prefix=False): 10 warm-up steps of
-    30, the cosine on the absolute step. Hand-computed: step 5 = 1e-6 + 5 * (1e-4 - 1e-6) / 10;
-    step 10 = 1e-5 + 0.5 * 9e-5 * (1 + cos(pi / 3)) = 7.75e-5 (a drop from 1e-4); step 15 =
-    1e-5 + 0.5 * 9e-5 * (1 + cos(pi / 2)) = 5.5e-5; step 30 and after: 1e-5."""
+    30, the cosine on the absolute step, one step late as the reference calls step_update after
+    the optimizer step. Hand-computed, optimizer step k uses t = max(k - 1, 0): steps 0 and 1:
+    1e-6; step 6 (t 5) = 1e-6 + 5 * (1e-4 - 1e-6) / 10; step 11 (t 10) = 1e-5 + 0.5 * 9e-5 *
+    (1 + cos(pi / 3)) = 7.75e-5 (a drop from 1e-4); step 16 (t 15) = 1e-5 + 0.5 * 9e-5 *
+    (1 + cos(pi / 2)) = 5.5e-5; step 31 (t 30) and after: 1e-5."""
     import torch
     from timm.scheduler import CosineLRScheduler
 
     f = timm_cosine(lr=1e-4, min_lr=1e-5, warmup_start_lr=1e-6, warmup_steps=10, total_steps=30)
-    assert math.isclose(f(0) * 1e-4, 1e-6)
-    assert math.isclose(f(5) * 1e-4, 1e-6 + 5 * (1e-4 - 1e-6) / 10)
-    assert math.isclose(f(10) * 1e-4, 7.75e-5)
-    assert math.isclose(f(15) * 1e-4, 5.5e-5)
-    assert math.isclose(f(30) * 1e-4, 1e-5) and math.isclose(f(45) * 1e-4, 1e-5)
+    assert math.isclose(f(0) * 1e-4, 1e-6) and math.isclose(f(1) * 1e-4, 1e-6)
+    assert math.isclose(f(6) * 1e-4, 1e-6 + 5 * (1e-4 - 1e-6) / 10)
+    assert math.isclose(f(11) * 1e-4, 7.75e-5)
+    assert math.isclose(f(16) * 1e-4, 5.5e-5)
+    assert math.isclose(f(31) * 1e-4, 1e-5) and math.isclose(f(45) * 1e-4, 1e-5)
     # and step for step the library the reference calls (timm), as main_group_vit.py builds it
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
     ref = CosineLRScheduler(
@@ -54,9 +56,9 @@ def test_timm_cosine_hand_computed_and_equal_to_timm():
         cycle_limit=1,
         t_in_epochs=False,
     )
-    for step in range(40):
-        ref.step_update(step)
+    for step in range(40):  # the reference's loop: optimizer step with the current lr, then
         assert math.isclose(opt.param_groups[0]["lr"], f(step) * 1e-4, rel_tol=1e-9), step
+        ref.step_update(step)  # step_update(epoch * num_steps + idx)
     # and it is what optim.schedule=timm_cosine selects
     cfg = load_config(
         ClipPretrainConfig, None, ["optim.schedule=timm_cosine", "train.max_steps=30"]

@@ -56,7 +56,14 @@ def build_validator(cfg: Any, val: dict) -> Callable[[torch.nn.Module, int, int]
     def validate(task: torch.nn.Module, rank: int, world: int) -> np.ndarray:
         device = next(task.parameters()).device
         seg = segmenter_for(
-            task.model, cfg.model.size, names, cfg.eval.zero_shot, val["bg_thresh"], device
+            task.model,
+            cfg.model.size,
+            names,
+            cfg.eval.zero_shot,
+            val["bg_thresh"],
+            device,
+            mean=list(cfg.data.mean),
+            std=list(cfg.data.std),
         )
         conf = np.zeros((len(names), len(names)), np.int64)
         for _key, jpeg, mask in val["samples"][rank::world]:

@@ -57,7 +57,12 @@ def segmenter_for(
     zs: ZeroShotConfig,
     bg_thresh: float,
     device: str | torch.device = "cpu",
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
 ):
+    """The zero-shot segmenter of ``zs``. Normalisation: ``zs.mean/std`` when given, else
+    ``mean/std`` (periodic validation passes the run's ``data.mean/std``), else ImageNet's."""
+    from wsss_ray.config import IMAGENET_MEAN, IMAGENET_STD
     from wsss_ray.eval.zero_shot import ZeroShotSegmenter
     from wsss_ray.models.clip import tokenizer
     from wsss_ray.models.pgseg import SIZES
@@ -73,6 +78,8 @@ def segmenter_for(
         zs.short_side,
         zs.window,
         zs.stride,
+        mean=list(zs.mean) or list(mean or IMAGENET_MEAN),
+        std=list(zs.std) or list(std or IMAGENET_STD),
         device=device,
     )
 

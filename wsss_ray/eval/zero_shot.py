@@ -115,14 +115,14 @@ class ZeroShotSegmenter:
         std: list[float] | None = None,
         device: str | torch.device = "cpu",
     ):
-        from wsss_ray.config import CLIP_MEAN, CLIP_STD
+        from wsss_ray.config import IMAGENET_MEAN, IMAGENET_STD
 
         self.model, self.class_names = model, list(class_names)
         self.topk, self.bg_thresh = topk, bg_thresh
         self.short_side, self.window, self.stride = short_side, window, stride
         self.device = torch.device(device)
-        self.mean = torch.tensor(mean or CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std or CLIP_STD, device=self.device).view(1, 3, 1, 1)
+        self.mean = torch.tensor(mean or IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std or IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
         self.dtype = next(model.parameters()).dtype
         self.text_emb = self.class_embeddings(tokenizer, templates)
 

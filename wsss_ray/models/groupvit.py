@@ -9,7 +9,11 @@ checkpoints load with a prefix map (``wsss_ray.models.pgseg.load_groupvit_checkp
 
 The PG unit of each grouping stage runs EM (no gradient) over the stage's input tokens, adds a
 projected reconstruction ``Z mu`` to the stage's output tokens before the grouping block, and
-exposes the prototypes and the pre-assignment group tokens for L_PG.
+exposes the prototypes and the pre-assignment group tokens for L_PG. ``npr["reconstruction"]``:
+``reference`` is PGSeg's ``NPR.mapping_x`` (Linear -> BN -> ReLU -> Linear, GroupViT's projector
+shape) applied to the last EM iteration's responsibilities times the final prototypes, exactly as
+``models/pgseg.py`` ``NPR.forward`` of the reference; ``mlp`` (ours, earlier) is a GELU MLP on
+``softmax_K(X mu^T) mu``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,23 @@ class Mlp(nn.Module):
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
+
+
+class Projector(nn.Module):
+    """GroupViT's ``ProjectMLP`` (2 layers): in -> hidden -> BatchNorm -> ReLU -> out, with its
+    parameter names (``linear_hidden.0/1``, ``linear_out``). The reference uses Conv1d with k=1
+    (weights ``[out, in, 1]``); Linear is the same map (the loader squeezes the last axis).
+    Takes B x C or B x L x C (BatchNorm over the channels of every token)."""
+
+    def __init__(self, dim: int, hidden: int, out: int):
+        super().__init__()
+        self.linear_hidden = nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU())
+        self.linear_out = nn.Linear(hidden, out)
+
+    def forward(self, x):
+        shape = x.shape
+        y = self.linear_out(self.linear_hidden(x.reshape(-1, shape[-1])))
+        return y.reshape(*shape[:-1], y.shape[-1])
 
 
 class MixerMlp(Mlp):
@@ -228,8 +249,20 @@ class GroupingLayer(nn.Module):
             self.downsample = GroupingBlock(
                 dim, heads, num_group, num_out, gumbel_tau, gumbel, segment_residual
             )
-            self.em = EMPrototypes(num_group, dim, npr["iters"], npr["momentum"], npr["ema"])
-            self.recon = Mlp(dim, npr["hidden"], dim) if npr["enabled"] else None
+            reference = npr.get("reconstruction", "mlp") == "reference"
+            self.em = self.recon = None
+            if npr["enabled"]:
+                self.em = EMPrototypes(
+                    num_group,
+                    dim,
+                    npr["iters"],
+                    npr["momentum"],
+                    npr["ema"],
+                    z_out="last_iteration" if reference else "final",
+                    ema_renorm=npr.get("ema_renorm", True),
+                )
+                recon = Projector if reference else Mlp
+                self.recon = recon(dim, npr["hidden"], dim)
 
     def _blocks(self, x, grid: tuple[int, int] | None = None, num_group: int = 0):
         """The transformer blocks; with ``grad_checkpointing`` (training) each block's

@@ -8,7 +8,10 @@ Two cosines (``optim.schedule``):
   (``t_initial`` = all steps, ``warmup_t`` = warm-up steps, ``warmup_prefix=False``,
   ``cycle_limit=1``, per-step updates): the cosine is a function of the *absolute* step, so
   at the end of the warm-up it drops from ``lr`` to its value there (10 of 30 epochs:
-  ``min_lr + 0.75 (lr - min_lr)``), and from ``total_steps`` on it stays at ``min_lr``.
+  ``min_lr + 0.75 (lr - min_lr)``), and from ``total_steps`` on it stays at ``min_lr``. The
+  reference calls ``step_update(t)`` *after* the optimizer step of iteration t, so iteration k
+  trains with the value at ``max(k - 1, 0)``: the first two steps both use ``warmup_start_lr``.
+  ``timm_cosine`` reproduces that lag (docs/FIDELITY.md).
 """
 
 from __future__ import annotations
@@ -59,9 +62,12 @@ def timm_cosine(
 ) -> Callable[[int], float]:
     """timm's ``CosineLRScheduler(t_initial=total_steps, lr_min=min_lr,
     warmup_lr_init=warmup_start_lr, warmup_t=warmup_steps, warmup_prefix=False,
-    cycle_limit=1, t_in_epochs=False)`` at ``step_update(step)``, as a factor of ``lr``."""
+    cycle_limit=1, t_in_epochs=False)`` as GroupViT/PGSeg step it: the learning rate optimizer
+    step ``step`` runs with is the scheduler's value at ``max(step - 1, 0)`` (``step_update`` follows
+    ``optimizer.step()``), as a factor of ``lr``."""
 
     def factor(step: int) -> float:
+        step = max(step - 1, 0)
         if step < warmup_steps:
             value = warmup_start_lr + (lr - warmup_start_lr) * step / warmup_steps
         elif step < total_steps:
