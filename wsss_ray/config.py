@@ -210,6 +210,10 @@ class ZeroShotConfig:
     )
     std: list[float] = _f([], "normalisation std (RGB); [] as for mean")
     short_side: int = _f(448, "resize the short side to this before sliding")
+    max_long_side: int = _f(
+        2048,
+        "... unless the long side would exceed this (mmseg's img_scale (2048, 448); 0 = no cap)",
+    )
     window: int = _f(448, "sliding window side")
     stride: int = _f(224, "sliding window stride")
 
@@ -233,7 +237,14 @@ class PeriodicEvalConfig:
 class EvalModelConfig:
     size: str = _f("tiny", "named PGSeg size the checkpoint was trained with")
     checkpoint: str = _f(
-        "", "Ray run folder, checkpoint folder or .pt file ('' = untrained model, for smoke tests)"
+        "",
+        "Ray run folder, checkpoint folder, .pt file, or a released GroupViT / PGSeg .pth "
+        "('' = untrained model, for smoke tests)",
+    )
+    text_act: str = _f(
+        "quick_gelu",
+        "text tower activation the checkpoint was trained with: quick_gelu (GroupViT/PGSeg "
+        "and ours since 2026-12) | gelu (our checkpoints before)",
     )
 
 
@@ -254,6 +265,8 @@ class PGSegEvalConfig:
 #: the named sizes of ``wsss_ray.models.pgseg.SIZES`` (kept here so configs validate without
 #: importing torch; a unit test keeps the two in step)
 PGSEG_SIZES = ("vit_s", "tiny", "tiny_seg")
+#: text tower activations (``wsss_ray.models.pgseg.TEXT_ACTS``)
+TEXT_ACTS = ("quick_gelu", "gelu")
 
 
 @dataclass
@@ -261,7 +274,19 @@ class PGSegModelConfig:
     size: str = _f(
         "tiny", "named size: vit_s (the paper's ViT-S) | tiny (CPU) | tiny_seg (CPU, one stage)"
     )
-    pretrained: str = _f("", "GroupViT/PGSeg checkpoint to start from ('' = random init)")
+    pretrained: str = _f(
+        "",
+        "weights to start from: a released GroupViT/PGSeg .pth, or our run folder, checkpoint "
+        "folder or .pt ('' = random init)",
+    )
+    allow_partial_init: bool = _f(
+        False,
+        "start from a checkpoint that fills only part of the model (e.g. PGSeg from GroupViT "
+        "weights: the NPR modules start at init); false = a partial load is an error",
+    )
+    text_act: str = _f(
+        "quick_gelu", "text tower MLP activation: quick_gelu (GroupViT/PGSeg's) | gelu"
+    )
     gumbel_tau: float = _f(1.0, "Gumbel temperature of the hard assignment (training only)")
     gumbel_noise: bool = _f(
         True, "Gumbel noise on the training assignment (GroupViT); false = argmax of the logits"
@@ -277,6 +302,15 @@ class NPRConfig:
     momentum: float = _f(0.9, "EMA momentum of the prototype buffer")
     image_ema: bool = _f(True, "update the image-side buffer (the reference never does: a bug)")
     text_mode: str = _f("tokens", "text prototypes: tokens (ours) | reference | none")
+    reconstruction: str = _f(
+        "mlp",
+        "reconstruction projector: mlp (GELU MLP on softmax(X mu) mu) | reference (PGSeg's "
+        "mapping_x: Linear-BN-ReLU-Linear on the last EM iteration's Z times mu; loads the "
+        "released PGSeg weights)",
+    )
+    ema_renorm: bool = _f(
+        True, "re-normalise the prototype buffers after each EMA update (false = the reference)"
+    )
 
 
 @dataclass
@@ -287,7 +321,9 @@ class MatchConfig:
 @dataclass
 class HRSConfig:
     phi: float = _f(0.1, "hard rejection threshold on the min-max normalised similarity")
-    reference_column0: bool = _f(False, "test column 0 instead of the diagonal (reference bug)")
+    reference_column0: bool = _f(
+        False, "read column 0 instead of the diagonal in both masks (the reference bug)"
+    )
 
 
 @dataclass
@@ -295,7 +331,9 @@ class PGSegLossConfig:
     it: float = _f(1.0, "weight of the image-text loss L_IT")
     pg: float = _f(0.1, "weight of each image-side L_PG (stage 1 and 2)")
     pg_text: float = _f(0.01, "weight of the text-side L_PG")
-    pg_init_scale: float = _f(10.0, "initial L_PG logit scale (1/0.1)")
+    pg_init_scale: float = _f(
+        10.0, "initial L_PG logit scale (1/0.1), one scale shared by every L_PG term"
+    )
 
 
 @dataclass
@@ -664,8 +702,19 @@ def validate(cfg: Any) -> None:
             "model.size",
             f"unknown PGSeg size {cfg.model.size!r} (known: {' | '.join(PGSEG_SIZES)})",
         )
+    if isinstance(cfg, PGSegPretrainConfig | PGSegEvalConfig):
+        need(cfg.model.text_act in TEXT_ACTS, "model.text_act", " | ".join(TEXT_ACTS))
     if isinstance(cfg, PGSegPretrainConfig):
         need(cfg.eval.every >= 0, "eval.every", "must be >= 0")
+        need(
+            cfg.npr.text_mode in ("tokens", "reference", "none"),
+            "npr.text_mode",
+            "tokens | reference | none",
+        )
+        need(
+            cfg.npr.reconstruction in ("mlp", "reference"), "npr.reconstruction", "mlp | reference"
+        )
+        need(cfg.npr.iters >= 1, "npr.iters", "must be >= 1")
     if isinstance(cfg, VPLConfig):
         w = cfg.clip.weights
         need(bool(w), "clip.weights", "give a local CLIP weights file or pretrain_clip run folder")
@@ -697,8 +746,9 @@ def validate(cfg: Any) -> None:
         )
     model = getattr(cfg, "model", None)
     if model is not None and getattr(model, "pretrained", ""):
+        folder_ok = isinstance(cfg, PGSegPretrainConfig) and os.path.isdir(model.pretrained)
         need(
-            os.path.isfile(model.pretrained),
+            os.path.isfile(model.pretrained) or folder_ok,
             "model.pretrained",
             f"weights file not found: {model.pretrained}",
         )

@@ -197,18 +197,20 @@ def test_text_modes(mode):
     assert all(torch.isfinite(v) for v in losses.values())
 
 
-def test_load_groupvit_style_checkpoint(tmp_path):
+def test_loads_our_earlier_projector_names_and_a_0d_scale(tmp_path):
+    """Our checkpoints before the GroupViT projector names (net.0 / net.1 / net.3) still load."""
     src = PGSeg("tiny")
-    state = {f"module.{k}": v for k, v in src.state_dict().items() if "recon" not in k}
+    state = {}
+    for k, v in src.state_dict().items():
+        k = k.replace("linear_hidden.", "net.").replace("linear_out.", "net.3.")
+        state[f"module.{k}"] = v
     state["module.logit_scale"] = torch.tensor(2.5)  # GroupViT keeps a 0-d scale
-    state["module.img_encoder.extra_head.weight"] = torch.zeros(3)
-    torch.save({"model": state}, tmp_path / "groupvit.pth")
+    torch.save({"model": state}, tmp_path / "ours_old.pth")
     dst = PGSeg("tiny")
-    report = load_groupvit_checkpoint(dst, str(tmp_path / "groupvit.pth"))
-    assert report["unexpected"] == ["img_encoder.extra_head.weight"]
-    assert report["missing"] and all("recon" in k for k in report["missing"])
-    assert torch.equal(dst.img_encoder.pos_embed, src.img_encoder.pos_embed)
-    assert dst.logit_scale.shape == (1,) and float(dst.logit_scale) == 2.5
+    report = load_groupvit_checkpoint(dst, str(tmp_path / "ours_old.pth"))
+    assert report["missing"] == report["unexpected"] == report["mismatched"] == []
+    assert torch.equal(dst.img_projector.linear_out.weight, src.img_projector.linear_out.weight)
+    assert dst.logit_scale.shape == (1,) and float(dst.logit_scale.detach()) == 2.5
     with pytest.raises(FileNotFoundError):
         load_groupvit_checkpoint(dst, str(tmp_path / "nope.pth"))
 

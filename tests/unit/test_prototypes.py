@@ -4,7 +4,9 @@ matching vs brute force, hard rejection, and where gradients flow."""
 from __future__ import annotations
 
 import itertools
+import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from _dist import spawn_gloo
@@ -129,9 +131,70 @@ def test_gradients_reach_group_tokens_through_lpg_and_not_the_em():
     protos, _ = em(x)
     assert not protos.requires_grad  # EM runs without gradient
     loss, kept = PrototypeLoss(phi=0.1)(
-        groups, gather_matched(protos, hungarian_match(groups, protos))
+        groups, gather_matched(protos, hungarian_match(groups, protos)), torch.zeros(1)
     )
     loss.backward()
     assert groups.grad is not None and groups.grad.abs().sum() > 0
     assert x.grad is None
     assert 0 < kept <= 1
+
+
+def _reference_closs(group, proto, log_scale, phi, column0):
+    """PGSeg's ``closs`` written out: one min-max-normalised mask per direction (over dim 1 of
+    gp = G P^T and of pg = P G^T), read at the diagonal (column 0 for the reference), each applied
+    to the rows of the *transposed* matrix; boolean row selection and mean CE per term."""
+    b, k, _ = group.shape
+    labels = torch.arange(k).repeat(b, 1)
+    g, p = F.normalize(group, dim=-1), F.normalize(proto, dim=-1)
+    gp, pg = g @ p.transpose(1, 2), p @ g.transpose(1, 2)
+
+    def hrs(m):
+        lo, hi = m.min(dim=1, keepdim=True)[0], m.max(dim=1, keepdim=True)[0]
+        n = (m - lo) / (hi - lo + 1e-6)
+        idx = torch.zeros_like(labels) if column0 else labels
+        return torch.gather(n, 2, idx.unsqueeze(-1)).squeeze(-1) > phi
+
+    m_gp, m_pg = hrs(gp), hrs(pg)
+    s = log_scale.exp().clamp(max=100)
+    ce = torch.nn.CrossEntropyLoss()
+    rows_gp, rows_pg = gp.permute(0, 2, 1), pg.permute(0, 2, 1)
+    return ce(rows_gp[m_gp] * s, labels[m_gp]) + ce(rows_pg[m_pg] * s, labels[m_pg])
+
+
+@pytest.mark.parametrize("column0", [False, True])
+def test_prototype_loss_equals_the_reference_closs(column0):
+    """Both masks and both CE terms as PGSeg's closs, with one shared scale (log 10)."""
+    g = torch.Generator().manual_seed(3)
+    groups = torch.randn(3, 8, 16, generator=g)
+    protos = torch.randn(3, 8, 16, generator=g)
+    log_scale = torch.full((1,), math.log(10.0))
+    ours, kept = PrototypeLoss(0.1, 100.0, column0)(groups, protos, log_scale)
+    ref = _reference_closs(groups, protos, log_scale, 0.1, column0)
+    assert torch.allclose(ours, ref, atol=1e-5), (float(ours), float(ref))
+    assert 0 < float(kept) < 1  # some rows rejected: the masks matter in this case
+
+
+def test_prototype_loss_with_every_row_rejected_is_zero_not_nan():
+    groups = torch.ones(1, 3, 4)  # all similarities equal: min-max normalised to 0 <= phi
+    loss, kept = PrototypeLoss(0.1)(groups, torch.ones(1, 3, 4), torch.zeros(1))
+    assert float(loss) == 0.0 and float(kept) == 0.0
+
+
+def test_reference_text_em_normalises_along_k_and_keeps_the_ema_unnormalised():
+    """PGSeg's text NPR (models/transformer.py NPR): 256 scalars, K = 8 prototypes of dim 1, mu
+    divided by its norm over K (+1e-6) every iteration; the EMA buffer is not re-normalised."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 256, 1, generator=g)
+    em = EMPrototypes(8, 1, 10, 0.9, True, norm="prototype", ema_renorm=False)
+    mu0 = em.mu0.clone()
+    assert torch.allclose(mu0.norm(dim=0), torch.ones(1))  # unit along K
+    mu = mu0.unsqueeze(0).repeat(4, 1, 1)
+    for _ in range(10):
+        z = torch.softmax(x @ mu.transpose(1, 2), dim=-1)
+        z = z / (1e-6 + z.sum(dim=1, keepdim=True))
+        mu = z.transpose(1, 2) @ x
+        mu = mu / (1e-6 + mu.norm(dim=1, keepdim=True))
+    em.train()
+    ours, _ = em(x)
+    assert torch.allclose(ours, mu, atol=1e-6)
+    assert torch.allclose(em.mu0, 0.9 * mu0 + 0.1 * mu.mean(0), atol=1e-6)  # no re-normalisation

@@ -51,11 +51,56 @@ def test_pixel_scores_and_background_threshold():
     assert scores.shape == (1, 3, 4, 6) and groups.shape == (1, 4, 6)
     assert torch.all(groups[0, :, :3] == 0) and torch.all(groups[0, :, 3:] == 1)
     torch.testing.assert_close(scores[0, :, 0, 0], aff[0, 0])
-    labels = with_background(scores, 0.95).argmax(1)[0]
+    labels = with_background(scores, aff, 0.95).argmax(1)[0]
     assert torch.all(labels[:, :3] == 1)  # class index 0 + 1 (background is 0)
-    assert torch.all(labels[:, 3:] == 0)  # max 0.5 < 0.95: background
-    labels = with_background(scores, 0.4).argmax(1)[0]
+    assert torch.all(labels[:, 3:] == 0)  # max 0.5 < min(0.95, 0.97): background
+    labels = with_background(scores, aff, 0.4).argmax(1)[0]
     assert torch.all(labels[:, 3:] == 2)
+
+
+def test_background_rule_is_the_references_hand_computed():
+    """GroupViT: t = min(bg_thresh, max affinity) per window, a 0/1 channel. VOC's 0.95 with a
+    best group at 0.90: t = 0.90, so that group stays foreground (a constant 0.95 channel would
+    have made the whole window background); the unsure group (0.5 < 0.90) is background."""
+    chain = torch.tensor([[[0.9, 0.1], [0.2, 0.8], [0.9, 0.1], [0.2, 0.8]]])
+    aff = torch.tensor([[[0.90, 0.05, 0.0], [0.0, 0.5, 0.3]]])
+    scores, _ = pixel_scores(chain, (2, 2), aff, (2, 2))
+    out = with_background(scores, aff, 0.95)
+    assert out[0, 0].tolist() == [[0.0, 1.0], [0.0, 1.0]]  # exactly 0/1
+    assert out.argmax(1)[0].tolist() == [[1, 0], [1, 0]]
+    assert with_background(scores, aff, 0.4).argmax(1)[0].tolist() == [[1, 2], [1, 2]]
+
+
+def test_sliding_windows_average_the_background_channel(monkeypatch):
+    """mmseg's slide_inference averages the per-window outputs: a pixel background in one of
+    its two windows has background 0.5 and keeps a class scoring 0.6 in both."""
+    from wsss_ray.eval.zero_shot import ZeroShotSegmenter
+
+    seg = ZeroShotSegmenter.__new__(ZeroShotSegmenter)
+    seg.class_names, seg.device = ["background", "a"], torch.device("cpu")
+    seg.short_side, seg.max_long_side, seg.window, seg.stride = 64, 0, 64, 32
+    seg.mean, seg.std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    seg.model = torch.nn.Linear(1, 1)
+
+    def window_scores(crops):  # two windows: x in [0, 64) and [32, 96)
+        assert crops.shape == (2, 3, 64, 64)
+        s = torch.zeros(2, 2, 64, 64)
+        s[0, 0], s[:, 1] = 1.0, 0.6  # window 0 calls everything background
+        return s, torch.zeros(2, 64, 64, dtype=torch.long)
+
+    monkeypatch.setattr(seg, "window_scores", window_scores)
+    labels = seg.predict(np.zeros((64, 96, 3), np.uint8))
+    assert np.all(labels[:, :32] == 0)  # background in its only window
+    assert np.all(labels[:, 34:62] == 1)  # 0.5 background < 0.6 (away from resize edges)
+    assert np.all(labels[:, 64:] == 1)
+
+
+def test_rescale_as_mmcv_imrescale():
+    from wsss_ray.eval.zero_shot import rescaled_size
+
+    assert rescaled_size(375, 500, 448, 2048) == (448, 597)  # int(500 * 1.19467 + 0.5)
+    assert rescaled_size(100, 1000, 448, 2048) == (205, 2048)  # the long side caps the scale
+    assert rescaled_size(100, 1000, 448, 0) == (448, 4480)
 
 
 def test_windows_cover_the_image_with_fixed_size():
@@ -80,9 +125,9 @@ def test_segmenter_shapes_and_threshold_extremes():
     model = PGSeg("tiny")
     tok = tokenizer("ViT-B-16", 32)
     image = make_scene(0, size=128).image[:, :100]  # non-square: 128 x 100
-    for thresh, check in [(1.01, lambda y: np.all(y == 0)), (0.0, lambda y: np.all(y > 0))]:
+    for thresh, check in [(1.01, lambda y: np.any(y == 0)), (0.0, lambda y: np.all(y > 0))]:
         seg = ZeroShotSegmenter(
-            model, CLASS_NAMES, tok, ["a photo of a {}."], 5, thresh, 80, 64, 32
+            model, CLASS_NAMES, tok, ["a photo of a {}."], 5, thresh, 80, 0, 64, 32
         )
         labels, groups = seg.predict(image, with_groups=True)
         assert labels.shape == (128, 100) and groups.shape == (128, 100)

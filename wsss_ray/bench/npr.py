@@ -134,8 +134,8 @@ def npr_once(task, captured: dict, device: torch.device) -> dict[str, float]:
     _sync(device)
     t2 = time.perf_counter()
     total = 0.0
-    for i, ((g, p), perm) in enumerate(zip(captured["pairs"], perms)):
-        loss, _ = task.pg_losses[i](g, gather_matched(p.to(g.dtype), perm))
+    for (g, p), perm in zip(captured["pairs"], perms):
+        loss, _ = task.pg_loss(g, gather_matched(p.to(g.dtype), perm), task.model.pg_logit_scale)
         total = total + loss
     total.backward()
     for g, _ in captured["pairs"]:

@@ -25,29 +25,17 @@ from wsss_ray.eval.collect import collect, log_eval_outputs, pack_rows, write_ov
 KINDS = ("model", "all_background", "random_groups")
 
 
-def build_model(size: str, checkpoint: str) -> torch.nn.Module:
-    """A PGSeg of ``size`` with the weights of ``checkpoint`` ('' = untrained) in eval mode."""
+def build_model(size: str, checkpoint: str, text_act: str = "quick_gelu") -> torch.nn.Module:
+    """A PGSeg of ``size`` with the weights of ``checkpoint`` ('' = untrained) in eval mode.
+    ``checkpoint``: our run folder, checkpoint folder or .pt, or a released GroupViT / PGSeg
+    ``.pth``; the model's optional parts (NPR, text prototypes) follow what it holds."""
     from wsss_ray.eval.checkpoint import load_state_dict
-    from wsss_ray.models.pgseg import PGSeg
+    from wsss_ray.models.pgseg import PGSeg, load_for_inference
 
-    model = PGSeg(size)
-    if checkpoint:
-        state = load_state_dict(checkpoint)
-        own = model.state_dict()
-        # NPR's reconstruction MLPs exist only when pretraining ran with npr.enabled; zero-shot
-        # inference never uses them, so a checkpoint without them is complete
-        missing = sorted(k for k in set(own) - set(state) if ".recon." not in k)
-        unexpected = sorted(set(state) - set(own))
-        bad = [k for k in own if k in state and state[k].shape != own[k].shape]
-        if missing or unexpected or bad:
-            raise ValueError(
-                f"checkpoint {checkpoint} does not fit PGSeg '{size}': "
-                f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
-                f"(e.g. {unexpected[:2]}), {len(bad)} shape mismatches (e.g. {bad[:2]}); "
-                "is model.size right?"
-            )
-        model.load_state_dict(state, strict=False)
-    return model.eval()
+    if not checkpoint:
+        return PGSeg(size, text_act=text_act).eval()
+    model, _ = load_for_inference(size, load_state_dict(checkpoint), text_act, checkpoint)
+    return model
 
 
 def segmenter_for(
@@ -76,6 +64,7 @@ def segmenter_for(
         zs.topk,
         bg_thresh,
         zs.short_side,
+        zs.max_long_side,
         zs.window,
         zs.stride,
         mean=list(zs.mean) or list(mean or IMAGENET_MEAN),
@@ -110,10 +99,11 @@ class ZeroShotPredictor:
         bg_thresh: float,
         overlay_ids: list[str],
         seed: int,
+        text_act: str = "quick_gelu",
     ):
         torch.set_num_threads(max(torch.get_num_threads(), 1))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = build_model(size, checkpoint).to(self.device)
+        model = build_model(size, checkpoint, text_act).to(self.device)
         self.seg = segmenter_for(model, size, class_names, zs, bg_thresh, self.device)
         self.num_classes = len(class_names)
         self.overlay_ids = set(overlay_ids)
@@ -170,6 +160,9 @@ def run(cfg: PGSegEvalConfig) -> dict[str, Any]:
         flush=True,
     )
 
+    checkpoint = cfg.model.checkpoint and str(Path(cfg.model.checkpoint).resolve())
+    if checkpoint:  # a checkpoint that does not fit fails here, before Ray starts
+        build_model(cfg.model.size, checkpoint, cfg.model.text_act)
     inf = cfg.infer
     start_ray(inf.actors[1] * inf.cpus_per_actor + 1, cfg.ray.num_cpus)
     from wsss_ray.data.segmentation import segmentation_dataset
@@ -179,12 +172,13 @@ def run(cfg: PGSegEvalConfig) -> dict[str, Any]:
         ZeroShotPredictor,
         fn_constructor_args=(
             cfg.model.size,
-            cfg.model.checkpoint and str(Path(cfg.model.checkpoint).resolve()),
+            checkpoint,
             source.class_names,
             cfg.zero_shot,
             bg,
             overlay_ids,
             cfg.seed,
+            cfg.model.text_act,
         ),
         batch_size=inf.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=inf.actors[0], max_size=inf.actors[1]),

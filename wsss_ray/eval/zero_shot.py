@@ -6,9 +6,14 @@ Per window:
 2. class text embeddings from prompt templates ("a photo of a {}.", averaged, normalised);
 3. group-class affinity = softmax(s cos(group, class)) restricted to the image's top-k classes
    (ranked by the pooled image embedding), multiplied by the unrestricted softmax;
-4. a constant background channel ``bg_thresh``: background wins where no class scores above it.
-Whole images: resize to a short side of 448, slide a 448 window with stride 224, average the
-overlapping scores, resize the scores back to the original size, argmax.
+4. background as GroupViT's ``GroupViTSegInference.encode_decode`` (``segmentation/evaluation/
+   group_vit_seg.py``): per window ``t = min(bg_thresh, max affinity over groups and classes)`` and
+   a 0/1 background channel, 1 where the pixel's best class scores below ``t`` (so the window's
+   most confident group is never background).
+Whole images as mmseg's ``Resize(img_scale=(2048, 448), keep_ratio=True)`` and
+``slide_inference``: scale by ``min(448 / short side, 2048 / long side)``, slide a 448 window with
+stride 224, average the overlapping scores (the background channel becomes the fraction of
+windows that call the pixel background), resize the scores back to the original size, argmax.
 
 This module is pure torch (the segmenter wraps any ``PGSeg``); ``wsss_ray.eval.pgseg`` runs it as
 Ray Data batch inference and the training loop runs it on a small validation set.
@@ -77,10 +82,25 @@ def pixel_scores(
     return scores.permute(0, 3, 1, 2), groups
 
 
-def with_background(fg_scores: torch.Tensor, bg_thresh: float) -> torch.Tensor:
-    """Prepend a constant background channel: class 0 wins where every score < bg_thresh."""
-    bg = torch.full_like(fg_scores[:, :1], bg_thresh)
-    return torch.cat([bg, fg_scores], dim=1)
+def with_background(
+    fg_scores: torch.Tensor, affinity: torch.Tensor, bg_thresh: float
+) -> torch.Tensor:
+    """Prepend GroupViT's background channel to B x C x H x W scores: per window
+    ``t = min(bg_thresh, affinity.max())`` (``affinity`` B x G x C) and 1 where the pixel's best
+    class scores below ``t``, else 0."""
+    t = affinity.flatten(1).amax(dim=1).clamp(max=bg_thresh).view(-1, 1, 1)
+    bg = (fg_scores.amax(dim=1) < t).to(fg_scores.dtype)
+    return torch.cat([bg[:, None], fg_scores], dim=1)
+
+
+def rescaled_size(h: int, w: int, short_side: int, max_long_side: int) -> tuple[int, int]:
+    """mmcv's ``imrescale`` to ``(max_long_side, short_side)`` with ``keep_ratio``: the scale is
+    ``min(short_side / short, max_long_side / long)`` (0 = no cap on the long side), each side
+    ``int(side * scale + 0.5)``."""
+    scale = short_side / min(h, w)
+    if max_long_side > 0:
+        scale = min(scale, max_long_side / max(h, w))
+    return max(int(h * scale + 0.5), 1), max(int(w * scale + 0.5), 1)
 
 
 def _windows(h: int, w: int, win: int, stride: int) -> list[tuple[int, int, int, int]]:
@@ -109,6 +129,7 @@ class ZeroShotSegmenter:
         topk: int = 5,
         bg_thresh: float = 0.95,
         short_side: int = 448,
+        max_long_side: int = 2048,
         window: int = 448,
         stride: int = 224,
         mean: list[float] | None = None,
@@ -120,6 +141,7 @@ class ZeroShotSegmenter:
         self.model, self.class_names = model, list(class_names)
         self.topk, self.bg_thresh = topk, bg_thresh
         self.short_side, self.window, self.stride = short_side, window, stride
+        self.max_long_side = max_long_side
         self.device = torch.device(device)
         self.mean = torch.tensor(mean or IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std or IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
@@ -155,7 +177,7 @@ class ZeroShotSegmenter:
             group_emb, out["embed"], self.text_emb, self.logit_scale(), self.topk
         )
         scores, groups = pixel_scores(chain, out["grid"], aff, tuple(x.shape[-2:]))
-        return with_background(scores, self.bg_thresh), groups
+        return with_background(scores, aff, self.bg_thresh), groups
 
     @torch.no_grad()
     def predict(self, image: np.ndarray, with_groups: bool = False):
@@ -167,8 +189,7 @@ class ZeroShotSegmenter:
             h0, w0 = image.shape[:2]
             x = torch.from_numpy(np.array(image, copy=True)).to(self.device)  # Arrow: read-only
             x = x.permute(2, 0, 1)[None].float() / 255.0
-            scale = self.short_side / min(h0, w0)
-            h, w = max(round(h0 * scale), 1), max(round(w0 * scale), 1)
+            h, w = rescaled_size(h0, w0, self.short_side, self.max_long_side)
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
             x = (x - self.mean) / self.std
             boxes = _windows(h, w, self.window, self.stride)

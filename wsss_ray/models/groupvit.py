@@ -48,7 +48,9 @@ class Projector(nn.Module):
 
     def __init__(self, dim: int, hidden: int, out: int):
         super().__init__()
-        self.linear_hidden = nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU())
+        self.linear_hidden = nn.Sequential(
+            nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU()
+        )
         self.linear_out = nn.Linear(hidden, out)
 
     def forward(self, x):

@@ -236,7 +236,8 @@ def _reference_to_own(key: str) -> str:
 
 def _fit(value: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
     """The reference tensor reshaped to ours when only the layout differs: 0-d scales -> 1
-    element, Conv1d k=1 weights ``[out, in, 1]`` -> ``[out, in]``, ``mu [1, K, C]`` -> ``[K, C]``."""
+    element, Conv1d k=1 weights ``[out, in, 1]`` -> ``[out, in]``, ``mu [1, K, C]`` ->
+    ``[K, C]``."""
     if value.shape == shape:
         return value
     if value.numel() == math.prod(shape) and (
@@ -252,7 +253,8 @@ def convert_reference_state(
     model: nn.Module, state: dict[str, torch.Tensor]
 ) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
     """Map a state dict in the released GroupViT / PGSeg layout (or ours) onto ``model``'s keys.
-    Returns (the mapped state, the report ``{loaded, missing, unexpected, mismatched, ignored}``)."""
+    Returns (the mapped state, the report ``{loaded, missing, unexpected, mismatched,
+    ignored}``)."""
     own = model.state_dict()
     mapped: dict[str, torch.Tensor] = {}
     unexpected, mismatched, ignored = [], [], []
@@ -295,7 +297,8 @@ def read_checkpoint_file(path: str) -> dict[str, torch.Tensor]:
     """The state dict of a ``.pt``/``.pth`` file: a plain state dict or ``{"model": ...}`` /
     ``{"state_dict": ...}`` (the released GroupViT/PGSeg files). Tensors-only files load with
     ``weights_only=True``; files that also pickle other objects (the released ones carry their
-    OmegaConf config) need the full unpickler, which runs code from the file: use files you trust."""
+    OmegaConf config) need the full unpickler, which runs code from the file: use files you
+    trust."""
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - e.g. pickled OmegaConf configs in released checkpoints
@@ -332,6 +335,48 @@ def load_groupvit_checkpoint(
         )
     model.load_state_dict(mapped, strict=False)
     return report
+
+
+#: parameters only the training losses read: a checkpoint without them still segments
+TRAINING_ONLY = ("img_encoder.logit_scale", "text_em.mu0", "multi_label_logit_scale")
+
+
+def pgseg_for_state(size: str, state: dict[str, torch.Tensor], text_act: str) -> PGSeg:
+    """A PGSeg whose optional parts match what ``state`` holds (ours or a released layout):
+    NPR and its reconstruction kind, the text prototypes mode, the multi-label scale. The text
+    activation cannot be read off the weights: ``text_act`` (GroupViT/PGSeg: quick_gelu)."""
+    keys = [_reference_to_own(k) for k in state]
+    npr = any(".recon." in k for k in keys)
+    recon = "reference" if any(".recon.linear_out." in k for k in keys) else "mlp"
+    text_mode = "none"
+    if "text_em.mu0" in keys:
+        value = state.get("text_em.mu0", state.get("text_encoder.Atten.mu"))
+        if value is None:
+            value = next(v for k, v in state.items() if _reference_to_own(k) == "text_em.mu0")
+        text_mode = "reference" if value.shape[-1] == 1 else "tokens"
+    return PGSeg(
+        size,
+        npr_enabled=npr,
+        text_mode=text_mode,
+        text_act=text_act,
+        reconstruction=recon,
+        multi_label=int("multi_label_logit_scale" in keys),
+    )
+
+
+def load_for_inference(size: str, state: dict[str, torch.Tensor], text_act: str, source: str):
+    """(model in eval mode, load report) for evaluation and inference: the model is built to
+    match ``state``; anything missing beyond :data:`TRAINING_ONLY`, unexpected or mismatched is
+    a :class:`PartialCheckpointError` (often a wrong ``model.size``)."""
+    model = pgseg_for_state(size, state, text_act)
+    mapped, report = convert_reference_state(model, state)
+    report["missing"] = [k for k in report["missing"] if k not in TRAINING_ONLY]
+    if report["missing"] or report["unexpected"] or report["mismatched"]:
+        raise PartialCheckpointError(
+            describe_partial(report, source) + f"; does it fit PGSeg '{size}' (model.size)?"
+        )
+    model.load_state_dict(mapped, strict=False)
+    return model.eval(), report
 
 
 def export_reference_state(model: PGSeg) -> dict[str, torch.Tensor]:
@@ -375,7 +420,7 @@ def _unused_mapping_text(model: PGSeg) -> dict[str, torch.Tensor]:
     """PGSeg's ``img_encoder.mapping_text`` (ProjectMLP dim -> 4096 -> 256, never called in its
     forward), freshly initialised so the export loads into the reference model strictly."""
     s = model.size
-    head = Projector(s.dim, s.proj_hidden, s.proj_dim)
+    head = Projector(s.dim, s.proj_hidden, 256)  # out_dim=256 in the reference
     out = {}
     for key, value in head.state_dict().items():
         if key.endswith("weight") and value.ndim == 2:

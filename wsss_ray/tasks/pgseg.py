@@ -33,35 +33,57 @@ from wsss_ray.ops.matching import (
 from wsss_ray.tasks.base import Task
 
 
+def build_pgseg(cfg: PGSegPretrainConfig) -> PGSeg:
+    """The PGSeg model a pretraining config describes."""
+    m, n = cfg.model, cfg.npr
+    return PGSeg(
+        m.size,
+        n.iters,
+        n.momentum,
+        n.image_ema,
+        n.enabled,
+        n.text_mode,
+        m.gumbel_tau,
+        m.init_logit_scale,
+        gumbel_noise=m.gumbel_noise,
+        text_act=m.text_act,
+        reconstruction=n.reconstruction,
+        ema_renorm=n.ema_renorm,
+        pg_init_scale=cfg.loss.pg_init_scale,
+    )
+
+
+def load_pretrained(model: PGSeg, source: str, allow_partial: bool) -> dict[str, list[str]]:
+    """``model.pretrained``: a released GroupViT/PGSeg file, or one of our run folders,
+    checkpoint folders or .pt files (read by ``wsss_ray.eval.checkpoint``)."""
+    import os
+
+    if os.path.isfile(source):
+        return load_groupvit_checkpoint(model, source, allow_partial)
+    from wsss_ray.eval.checkpoint import load_state_dict  # ZeRO shards, run folders
+
+    return load_groupvit_checkpoint(model, load_state_dict(source), allow_partial)
+
+
 class PGSegTask(Task):
     def __init__(self, cfg: PGSegPretrainConfig):
         super().__init__()
         m, n = cfg.model, cfg.npr
-        self.model = PGSeg(
-            m.size,
-            n.iters,
-            n.momentum,
-            n.image_ema,
-            n.enabled,
-            n.text_mode,
-            m.gumbel_tau,
-            m.init_logit_scale,
-            gumbel_noise=m.gumbel_noise,
-        )
+        self.model = build_pgseg(cfg)
         if m.pretrained:
-            report = load_groupvit_checkpoint(self.model, m.pretrained)
+            report = load_pretrained(self.model, m.pretrained, m.allow_partial_init)
             print(
                 f"[wsss_ray] loaded {len(report['loaded'])} tensors from {m.pretrained}; "
                 f"missing {len(report['missing'])}, unexpected {len(report['unexpected'])}, "
-                f"shape-mismatched {len(report['mismatched'])}"
+                f"shape-mismatched {len(report['mismatched'])}, ignored (unused by the "
+                f"reference) {len(report['ignored'])}",
+                flush=True,
             )
+            if report["missing"]:
+                print(f"[wsss_ray] left at init: {', '.join(report['missing'][:6])}", flush=True)
         self.it_loss = GatheredContrastiveLoss(m.max_logit_scale)
         hrs = cfg.hrs
-        n_stages = len(self.model.size.output_groups)
-        self.pg_losses = torch.nn.ModuleList(
-            PrototypeLoss(hrs.phi, cfg.loss.pg_init_scale, m.max_logit_scale, hrs.reference_column0)
-            for _ in range(n_stages + 1)
-        )  # one per image stage + the text side
+        self.pg_loss = PrototypeLoss(hrs.phi, m.max_logit_scale, hrs.reference_column0)
         self.weights = cfg.loss
         self.maximize = cfg.match.maximize
         self.npr_enabled = n.enabled
@@ -73,12 +95,13 @@ class PGSegTask(Task):
             return None
         return hungarian_match_async(groups.detach(), protos, maximize=self.maximize)
 
-    def _pg(self, i: int, groups, protos, pending: PendingMatch | None = None):
+    def _pg(self, groups, protos, pending: PendingMatch | None = None):
         if pending is None:
             perm = hungarian_match(groups.detach(), protos, maximize=self.maximize)
         else:
             perm = pending.result()
-        return self.pg_losses[i](groups, gather_matched(protos.to(groups.dtype), perm))
+        matched = gather_matched(protos.to(groups.dtype), perm)
+        return self.pg_loss(groups, matched, self.model.pg_logit_scale)
 
     def training_forward(self, batch):
         image = self.model.encode_image(batch["image"])
@@ -88,9 +111,10 @@ class PGSegTask(Task):
             pending = [self._start_match(s["groups"], s["protos"]) for s in stages]
         text = self.model.encode_text(batch["text"])
         text_protos = self.model.text_prototypes(text, batch["text"])
-        text_pending = None
+        text_pending = text_groups = None
         if text_protos is not None:
-            text_pending = self._start_match(stages[-1]["groups"], text_protos)
+            text_groups = self.model.groups_for_text(stages[-1]["groups"])
+            text_pending = self._start_match(text_groups, text_protos)
         w = self.weights
         it = self.it_loss(
             image["embed"].float(), text["embed"].float(), self.model.logit_scale.float()
@@ -101,11 +125,11 @@ class PGSegTask(Task):
             hard = stage["attn_hard"]  # B x K x N, one-hot over K
             metrics[f"group_usage_{s}"] = (hard.detach().sum(-1) > 0).float().mean()
             if self.npr_enabled:
-                loss, kept = self._pg(s - 1, stage["groups"], stage["protos"], pending[s - 1])
+                loss, kept = self._pg(stage["groups"], stage["protos"], pending[s - 1])
                 losses[f"pg{s}_loss"] = w.pg * loss
                 metrics[f"pg{s}_raw"], metrics[f"hrs_kept_{s}"] = loss.detach(), kept
         if text_protos is not None:
-            loss, kept = self._pg(len(stages), stages[-1]["groups"], text_protos, text_pending)
+            loss, kept = self._pg(text_groups, text_protos, text_pending)
             losses["pg_text_loss"] = w.pg_text * loss
             metrics["pg_text_raw"], metrics["hrs_kept_text"] = loss.detach(), kept
         return losses, metrics
@@ -114,5 +138,5 @@ class PGSegTask(Task):
     def after_step(self) -> None:
         cap = torch.log(torch.tensor(self.it_loss.max_logit_scale))
         self.model.logit_scale.clamp_(max=cap)
-        for loss in self.pg_losses:
-            loss.log_scale.clamp_(max=cap)
+        if self.model.pg_logit_scale is not None:
+            self.model.pg_logit_scale.clamp_(max=cap)

@@ -63,8 +63,8 @@ def timm_cosine(
     """timm's ``CosineLRScheduler(t_initial=total_steps, lr_min=min_lr,
     warmup_lr_init=warmup_start_lr, warmup_t=warmup_steps, warmup_prefix=False,
     cycle_limit=1, t_in_epochs=False)`` as GroupViT/PGSeg step it: the learning rate optimizer
-    step ``step`` runs with is the scheduler's value at ``max(step - 1, 0)`` (``step_update`` follows
-    ``optimizer.step()``), as a factor of ``lr``."""
+    step ``step`` runs with is the scheduler's value at ``max(step - 1, 0)`` (``step_update``
+    follows ``optimizer.step()``), as a factor of ``lr``."""
 
     def factor(step: int) -> float:
         step = max(step - 1, 0)
