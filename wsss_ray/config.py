@@ -176,7 +176,7 @@ class ClipPretrainConfig(TrainJobConfig):
 
 
 # ------------------------------------------------------------------------- segmentation
-SEG_KINDS = ("voc", "coco", "context")
+SEG_KINDS = ("voc", "coco", "coco_object", "context")
 
 
 @dataclass
@@ -189,9 +189,25 @@ class SyntheticSegConfig:
 
 @dataclass
 class SegDataConfig:
-    kind: str = _f("voc", "voc | coco | context")
-    root: str = _f("", "VOC2012 / COCO 2014 / VOC2010 (Context) folder; '' = synthetic VOC layout")
-    split: str = _f("val", "split (voc: train, val, train_aug; coco: train, val; context: val)")
+    kind: str = _f(
+        "voc",
+        "voc | coco (COCO 2014, 80 classes, crowd = ignore) | coco_object (val2017 as GroupViT/"
+        "PGSeg: COCO-Stuff things, stuff = background) | context",
+    )
+    root: str = _f(
+        "",
+        "VOC2012 / COCO 2014 / COCO 2017 (coco_object) / VOC2010 (Context) folder; '' = "
+        "synthetic VOC layout",
+    )
+    split: str = _f(
+        "val",
+        "split (voc: train, val, train_aug; coco: train, val; coco_object: val; context: val)",
+    )
+    gt: str = _f(
+        "auto",
+        "coco_object ground truth: stuffthingmaps (the reference's) | instances "
+        "(instances_val2017.json) | auto (stuffthingmaps when present)",
+    )
     max_images: int = _f(0, "use the first N images of the split (0 = all)")
     synthetic: SyntheticSegConfig = field(default_factory=SyntheticSegConfig)
 
@@ -199,6 +215,11 @@ class SegDataConfig:
 @dataclass
 class ZeroShotConfig:
     templates: list[str] = _f(["a photo of a {}."], "prompt templates, averaged per class")
+    class_names: str = _f(
+        "reference",
+        "class names in the prompts: reference (GroupViT/PGSeg's: VOC table, plant, monitor; "
+        "Context airplane, plant, monitor) | readable (dining table, potted plant, tv monitor)",
+    )
     topk: int = _f(5, "restrict each image to its top-k classes by the pooled embedding (0 = off)")
     bg_thresh: float = _f(
         -1.0, "background threshold; < 0 = dataset default (VOC .95 COCO .85 Context .36)"
@@ -666,6 +687,11 @@ def validate(cfg: Any) -> None:
         need(not sec.root or os.path.isdir(sec.root), f"{key}.root", f"no such folder: {sec.root}")
         need(sec.max_images >= 0, f"{key}.max_images", "must be >= 0")
         need(
+            sec.gt in ("auto", "stuffthingmaps", "instances"),
+            f"{key}.gt",
+            "auto | stuffthingmaps | instances",
+        )
+        need(
             bool(sec.root) or sec.kind == "voc", f"{key}.root", "synthetic data is VOC layout only"
         )
     for key, z in _zero_shot_sections(cfg):
@@ -677,6 +703,9 @@ def validate(cfg: Any) -> None:
         need(z.window > 0 and 0 < z.stride <= z.window, f"{key}.stride", "0 < stride <= window")
         need(z.short_side > 0, f"{key}.short_side", "must be > 0")
         need(z.topk >= 0, f"{key}.topk", "must be >= 0")
+        need(
+            z.class_names in ("reference", "readable"), f"{key}.class_names", "reference | readable"
+        )
         need(
             len(z.mean) == len(z.std) and len(z.mean) in (0, 3),
             f"{key}.mean",

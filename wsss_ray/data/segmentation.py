@@ -29,7 +29,7 @@ from PIL import Image
 if TYPE_CHECKING:  # type hints only: Ray is imported where Datasets are built
     import ray.data
 
-KINDS = ("voc", "coco", "context")
+KINDS = ("voc", "coco", "coco_object", "context")
 
 
 @dataclass(frozen=True)
@@ -112,8 +112,8 @@ def require_files(records: list[SegRecord], dataset: str) -> None:
 
 
 def open_source(kind: str, root: str | Path, split: str, **kwargs) -> SegSource:
-    """The reader for ``kind`` (voc | coco | context) on ``root``; ``kwargs`` go to it (VOC:
-    ``aug``, COCO: ``cache_dir``). Raises FileNotFoundError naming a missing root, folder or
+    """The reader for ``kind`` (voc | coco | coco_object | context) on ``root``; ``kwargs`` go to
+    it (VOC: ``aug``, COCO: ``cache_dir``, COCO-Object: ``source``, ``cache_dir``). Raises FileNotFoundError naming a missing root, folder or
     split file and ValueError for an unknown kind."""
     root = Path(root)
     if not root.is_dir():
@@ -126,6 +126,10 @@ def open_source(kind: str, root: str | Path, split: str, **kwargs) -> SegSource:
         from wsss_ray.data.coco import coco_source
 
         return coco_source(root, split, **kwargs)
+    if kind == "coco_object":
+        from wsss_ray.data.coco_object import coco_object_source
+
+        return coco_object_source(root, split, **kwargs)
     if kind == "context":
         from wsss_ray.data.context import context_source
 

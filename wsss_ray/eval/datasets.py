@@ -26,7 +26,8 @@ def resolve_source(data: SegDataConfig, output_dir: str | Path):
                 syn.image_size,
             )
         )
-    source = open_source(data.kind, root, data.split)
+    kwargs = {"source": data.gt} if data.kind == "coco_object" else {}
+    source = open_source(data.kind, root, data.split, **kwargs)
     if data.max_images:
         source.records = source.records[: data.max_images]
     return source

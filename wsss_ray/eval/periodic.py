@@ -36,7 +36,12 @@ def load_validation_set(cfg: Any, output_dir: str | Path) -> dict | None:
         f"{source.split} images",
         flush=True,
     )
-    return {"class_names": source.class_names, "bg_thresh": bg, "samples": samples}
+    return {
+        "class_names": source.class_names,
+        "bg_thresh": bg,
+        "samples": samples,
+        "dataset": source.name,
+    }
 
 
 def build_validator(cfg: Any, val: dict) -> Callable[[torch.nn.Module, int, int], np.ndarray]:
@@ -64,6 +69,7 @@ def build_validator(cfg: Any, val: dict) -> Callable[[torch.nn.Module, int, int]
             device,
             mean=list(cfg.data.mean),
             std=list(cfg.data.std),
+            dataset=val.get("dataset", ""),
         )
         conf = np.zeros((len(names), len(names)), np.int64)
         for _key, jpeg, mask in val["samples"][rank::world]:

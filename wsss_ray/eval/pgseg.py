@@ -47,11 +47,13 @@ def segmenter_for(
     device: str | torch.device = "cpu",
     mean: list[float] | None = None,
     std: list[float] | None = None,
+    dataset: str = "",
 ):
     """The zero-shot segmenter of ``zs``. Normalisation: ``zs.mean/std`` when given, else
-    ``mean/std`` (periodic validation passes the run's ``data.mean/std``), else ImageNet's."""
+    ``mean/std`` (periodic validation passes the run's ``data.mean/std``), else ImageNet's.
+    Prompt names: ``zs.class_names`` (reference | readable) for ``dataset`` (a source kind)."""
     from wsss_ray.config import IMAGENET_MEAN, IMAGENET_STD
-    from wsss_ray.eval.zero_shot import ZeroShotSegmenter
+    from wsss_ray.eval.zero_shot import ZeroShotSegmenter, prompt_class_names
     from wsss_ray.models.clip import tokenizer
     from wsss_ray.models.pgseg import SIZES
 
@@ -70,6 +72,7 @@ def segmenter_for(
         mean=list(zs.mean) or list(mean or IMAGENET_MEAN),
         std=list(zs.std) or list(std or IMAGENET_STD),
         device=device,
+        prompt_names=prompt_class_names(dataset, class_names, zs.class_names),
     )
 
 
@@ -100,11 +103,14 @@ class ZeroShotPredictor:
         overlay_ids: list[str],
         seed: int,
         text_act: str = "quick_gelu",
+        dataset: str = "",
     ):
         torch.set_num_threads(max(torch.get_num_threads(), 1))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         model = build_model(size, checkpoint, text_act).to(self.device)
-        self.seg = segmenter_for(model, size, class_names, zs, bg_thresh, self.device)
+        self.seg = segmenter_for(
+            model, size, class_names, zs, bg_thresh, self.device, dataset=dataset
+        )
         self.num_classes = len(class_names)
         self.overlay_ids = set(overlay_ids)
         self.seed = seed
@@ -179,6 +185,7 @@ def run(cfg: PGSegEvalConfig) -> dict[str, Any]:
             overlay_ids,
             cfg.seed,
             cfg.model.text_act,
+            source.name,
         ),
         batch_size=inf.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=inf.actors[0], max_size=inf.actors[1]),

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-#: names that read better in a prompt than the dataset's file-system spellings
+#: ``zero_shot.class_names: readable``: names that read better in a prompt than the dataset's
+#: file-system spellings
 PROMPT_NAMES = {
     "aeroplane": "aeroplane",
     "diningtable": "dining table",
@@ -33,6 +34,28 @@ PROMPT_NAMES = {
     "tvmonitor": "tv monitor",
     "motorbike": "motorbike",
 }
+
+#: ``zero_shot.class_names: reference``: the names GroupViT and PGSeg put in the prompts, per
+#: official dataset (``segmentation/datasets/{pascal_voc,pascal_context,coco_object}.py``
+#: CLASSES), by the dataset's own spelling; PGSeg's COCO list differs in one entry ('aeroplane '
+#: with a trailing space for 'airplane': docs/FIDELITY.md)
+REFERENCE_RENAMES = {
+    "voc": {"diningtable": "table", "pottedplant": "plant", "tvmonitor": "monitor"},
+    "context": {"aeroplane": "airplane", "pottedplant": "plant", "tvmonitor": "monitor"},
+    "coco_object": {},
+    "coco": {},
+}
+
+
+def prompt_class_names(dataset: str, class_names: list[str], mode: str = "reference") -> list[str]:
+    """The names the prompts use for ``class_names`` of ``dataset`` (voc | context | coco |
+    coco_object | anything else): the reference's spellings (``reference``) or readable ones
+    (``readable``: dining table, potted plant, tv monitor). Lists other than the official ones
+    (the synthetic world, a custom ``class_names.txt``) get the readable rule."""
+    renames = REFERENCE_RENAMES.get(dataset) if mode == "reference" else None
+    if renames is not None:
+        return [renames.get(n, n) for n in class_names]
+    return [PROMPT_NAMES.get(n, n.replace("_", " ")) for n in class_names]
 
 
 def chain_assignments(stages: list[dict]) -> torch.Tensor:
@@ -135,10 +158,13 @@ class ZeroShotSegmenter:
         mean: list[float] | None = None,
         std: list[float] | None = None,
         device: str | torch.device = "cpu",
+        prompt_names: list[str] | None = None,
     ):
         from wsss_ray.config import IMAGENET_MEAN, IMAGENET_STD
 
         self.model, self.class_names = model, list(class_names)
+        #: the names in the prompts (index 0, background, has none)
+        self.prompt_names = list(prompt_names or prompt_class_names("", class_names, "readable"))
         self.topk, self.bg_thresh = topk, bg_thresh
         self.short_side, self.window, self.stride = short_side, window, stride
         self.max_long_side = max_long_side
@@ -154,8 +180,7 @@ class ZeroShotSegmenter:
         was_training = self.model.training
         self.model.eval()
         out = []
-        for name in self.class_names[1:]:
-            name = PROMPT_NAMES.get(name, name.replace("_", " "))
+        for name in self.prompt_names[1:]:
             tokens = tokenizer([t.format(name) for t in templates]).to(self.device)
             emb = F.normalize(self.model.encode_text(tokens)["embed"].float(), dim=-1)
             out.append(F.normalize(emb.mean(0), dim=-1))
