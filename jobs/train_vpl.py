@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from wsss_ray.config import VPLTrainConfig, parse_job_args, prototypes_path
+from wsss_ray.config import ConfigError, VPLTrainConfig, parse_job_args, prototypes_path
 from wsss_ray.train.driver import print_summary, run
 
 
@@ -28,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg.clip.weights = str(Path(cfg.clip.weights).resolve())
     if cfg.rsc.weight > 0:
         cfg.phase1.prototypes = str(prototypes_path(cfg).resolve())
-    summary = run(cfg)
+    try:
+        summary = run(cfg)
+    except ConfigError as err:  # checks that need the model registry or the data
+        print(str(err), file=sys.stderr)
+        return 2
     print_summary(summary)
     m = summary.metrics
     if "val/miou" in m:

@@ -283,6 +283,19 @@ class PGSegEvalConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
 
+@dataclass
+class ExportConfig:
+    """jobs/export_checkpoint.py: our checkpoint -> the released GroupViT / PGSeg layout."""
+
+    task: str = "export"
+    model: EvalModelConfig = field(default_factory=EvalModelConfig)
+    out: str = _f("", "the .pth file to write ({'model': state_dict} as GroupViT saves it)")
+    layout: str = _f(
+        "auto",
+        "auto (PGSeg's when the model has NPR, else GroupViT's) | groupvit | pgseg",
+    )
+
+
 #: the named sizes of ``wsss_ray.models.pgseg.SIZES`` (kept here so configs validate without
 #: importing torch; a unit test keeps the two in step)
 PGSEG_SIZES = ("vit_s", "tiny", "tiny_seg")
@@ -719,19 +732,22 @@ def validate(cfg: Any) -> None:
             "needs (min, max) with 1 <= min <= max",
         )
         need(infer.batch_size > 0, "infer.batch_size", "must be > 0")
-    if isinstance(cfg, PGSegEvalConfig) and cfg.model.checkpoint:
+    if isinstance(cfg, ExportConfig):
+        need(bool(cfg.model.checkpoint), "model.checkpoint", "give the checkpoint to export")
+        need(bool(cfg.out), "out", "give the .pth file to write")
+        need(cfg.layout in ("auto", "groupvit", "pgseg"), "layout", "auto | groupvit | pgseg")
+    if isinstance(cfg, PGSegEvalConfig | ExportConfig) and cfg.model.checkpoint:
         need(
             os.path.exists(cfg.model.checkpoint),
             "model.checkpoint",
             f"no such file or folder: {cfg.model.checkpoint}",
         )
-    if isinstance(cfg, PGSegPretrainConfig | PGSegEvalConfig):
+    if isinstance(cfg, PGSegPretrainConfig | PGSegEvalConfig | ExportConfig):
         need(
             cfg.model.size in PGSEG_SIZES,
             "model.size",
             f"unknown PGSeg size {cfg.model.size!r} (known: {' | '.join(PGSEG_SIZES)})",
         )
-    if isinstance(cfg, PGSegPretrainConfig | PGSegEvalConfig):
         need(cfg.model.text_act in TEXT_ACTS, "model.text_act", " | ".join(TEXT_ACTS))
     if isinstance(cfg, PGSegPretrainConfig):
         need(cfg.eval.every >= 0, "eval.every", "must be >= 0")

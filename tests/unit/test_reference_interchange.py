@@ -390,3 +390,64 @@ def test_inference_builds_the_model_the_checkpoint_describes():
         assert model.text_mode == ("reference" if pgseg else "none")
     with pytest.raises(PartialCheckpointError, match="model.size"):
         load_for_inference("tiny_seg", random_released_state("tiny", False), "gelu", "x.pth")
+
+
+def test_export_job_writes_a_file_the_reference_layout_reads(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("export_job", "jobs/export_checkpoint.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    torch.manual_seed(0)
+    ours = PGSeg("tiny", reconstruction="reference", text_mode="reference").eval()
+    # as our training checkpoints hold it: the task's prefix, other task tensors beside it
+    state = {f"model.{k}": v for k, v in ours.state_dict().items()}
+    state["it_loss.dummy"] = torch.zeros(1)
+    torch.save(state, tmp_path / "ours.pt")
+    out = tmp_path / "exported" / "pgseg.pth"
+    argv = ["model.size=tiny", f"model.checkpoint={tmp_path / 'ours.pt'}", f"out={out}"]
+    assert job.main(argv) == 0
+    assert "in the pgseg layout" in capsys.readouterr().out
+    written = torch.load(out, weights_only=True)["model"]
+    assert {k: tuple(v.shape) for k, v in written.items()} == released_layout("tiny", True)
+    image, _ = _inputs("tiny")
+    with torch.no_grad():
+        ref = reference_image_embed(written, image, "tiny", True)
+        assert torch.allclose(ours.encode_image(image)["embed"], ref, atol=1e-4)
+    # GroupViT's layout drops the NPR, with a warning; our MLP reconstruction cannot export
+    assert job.main([*argv[:2], f"out={tmp_path / 'gv.pth'}", "layout=groupvit"]) == 0
+    assert "drops the NPR" in capsys.readouterr().out
+    gv = torch.load(tmp_path / "gv.pth", weights_only=True)["model"]
+    assert set(gv) == set(released_layout("tiny", False))
+    torch.save({f"model.{k}": v for k, v in PGSeg("tiny").state_dict().items()}, tmp_path / "m.pt")
+    assert job.main(["model.size=tiny", f"model.checkpoint={tmp_path / 'm.pt'}", "out=x.pth"]) == 2
+    assert "npr.reconstruction=mlp" in capsys.readouterr().err
+
+
+def test_pretraining_starts_from_a_released_groupvit_file(tmp_path):
+    """The PGSeg recipe starts from group_vit_gcc_redcap_30e: a partial start (no NPR yet) that
+    must be asked for; without model.allow_partial_init it stops before Ray with one line."""
+    from wsss_ray.config import ConfigError, PGSegPretrainConfig, load_config
+    from wsss_ray.tasks import build_task, check_config
+
+    state = random_released_state("tiny", False)
+    torch.save({"model": state, "config": {"epochs": 30}}, tmp_path / "gv.pth")
+    over = ["model.size=tiny", f"model.pretrained={tmp_path / 'gv.pth'}"]
+    over += ["npr.reconstruction=reference", "npr.text_mode=reference"]
+    cfg = load_config(PGSegPretrainConfig, "configs/pgseg/tiny.yaml", over)
+    with pytest.raises(ConfigError, match=r"model\.pretrained: .*partial load: \d+ missing"):
+        check_config(cfg)
+    cfg = load_config(
+        PGSegPretrainConfig, "configs/pgseg/tiny.yaml", [*over, "model.allow_partial_init=true"]
+    )
+    check_config(cfg)
+    task = build_task(cfg)
+    assert torch.equal(task.model.img_encoder.pos_embed, state["img_encoder.pos_embed"])
+    assert torch.equal(
+        task.model.text_projector.linear_out.weight,
+        state["text_projector.linear_out.weight"][..., 0],
+    )
+    image, tokens = _inputs("tiny", b=4)
+    losses, metrics = task.training_forward({"image": image, "text": tokens})
+    assert set(losses) == {"it_loss", "pg1_loss", "pg2_loss", "pg_text_loss"}
+    assert all(torch.isfinite(v) for v in losses.values())

@@ -113,8 +113,9 @@ def require_files(records: list[SegRecord], dataset: str) -> None:
 
 def open_source(kind: str, root: str | Path, split: str, **kwargs) -> SegSource:
     """The reader for ``kind`` (voc | coco | coco_object | context) on ``root``; ``kwargs`` go to
-    it (VOC: ``aug``, COCO: ``cache_dir``, COCO-Object: ``source``, ``cache_dir``). Raises FileNotFoundError naming a missing root, folder or
-    split file and ValueError for an unknown kind."""
+    it (VOC: ``aug``, COCO: ``cache_dir``, COCO-Object: ``source``, ``cache_dir``). Raises
+    FileNotFoundError naming a missing root, folder or split file and ValueError for an unknown
+    kind."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root not found: {root}")

@@ -67,6 +67,14 @@ def check_config(cfg: Any) -> None:
             )
         if cfg.npr.text_mode not in ("tokens", "reference", "none"):
             raise ConfigError("config error: npr.text_mode: tokens | reference | none")
+        if cfg.model.pretrained:  # a checkpoint that does not fit fails here, not in a worker
+            from wsss_ray.models.pgseg import PartialCheckpointError
+            from wsss_ray.tasks.pgseg import build_pgseg, load_pretrained
+
+            try:
+                load_pretrained(build_pgseg(cfg), cfg.model.pretrained, cfg.model.allow_partial_init)
+            except PartialCheckpointError as err:
+                raise ConfigError(f"config error: model.pretrained: {err}") from None
     elif cfg.task == "vpl_seg":
         from wsss_ray.models.clip import model_config
 
