@@ -90,6 +90,9 @@ class OptimConfig:
     betas: list[float] = _f([0.9, 0.999], "AdamW betas")
     eps: float = _f(1e-8, "AdamW eps")
     grad_clip: float = _f(5.0, "gradient clipping norm (0 = off)")
+    decay_logit_scales: bool = _f(
+        False, "weight decay on the logit scales too (the GroupViT/PGSeg optimizer decays them)"
+    )
     schedule: str = _f(
         "cosine",
         "after the warm-up: cosine (to min_lr, over the steps after it) | timm_cosine (timm's "

@@ -139,7 +139,7 @@ def test_readme_config_reference_is_current():
 
 
 def test_eval_config_errors_name_the_key(tmp_path):
-    with pytest.raises(ConfigError, match=r"data\.kind: one of voc, coco, context"):
+    with pytest.raises(ConfigError, match=r"data\.kind: one of voc, coco, coco_object, context"):
         load_config(PGSegEvalConfig, None, ["data.kind=ade"])
     with pytest.raises(ConfigError, match=r"data\.root: no such folder"):
         load_config(PGSegEvalConfig, None, [f"data.root={tmp_path}/nope"])

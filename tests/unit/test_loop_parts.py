@@ -118,3 +118,19 @@ def test_norm_stats_are_averaged_over_workers():
         mean, var = out[f"after{rank}"]
         torch.testing.assert_close(mean, (m0 + m1) / 2)
         torch.testing.assert_close(var, (v0 + v1) / 2)
+
+
+def test_logit_scales_take_weight_decay_only_as_the_reference():
+    from wsss_ray.config import PGSegPretrainConfig
+    from wsss_ray.tasks import build_task
+
+    cfg = load_config(PGSegPretrainConfig, "configs/pgseg/tiny.yaml", ["model.size=tiny"])
+    task = build_task(cfg)
+    scales = {id(p) for n, p in task.named_parameters() if n.endswith("logit_scale")}
+    assert len(scales) == 2  # image-text and the shared L_PG scale
+    for flag in (False, True):
+        decay, no_decay = task.param_groups(0.05, flag)
+        assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+        in_decay = {id(p) for p in decay["params"]}
+        assert (scales <= in_decay) == flag and not (scales & in_decay and not flag)
+        assert all(p.ndim > 1 for p in decay["params"] if id(p) not in scales)

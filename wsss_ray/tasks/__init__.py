@@ -72,7 +72,9 @@ def check_config(cfg: Any) -> None:
             from wsss_ray.tasks.pgseg import build_pgseg, load_pretrained
 
             try:
-                load_pretrained(build_pgseg(cfg), cfg.model.pretrained, cfg.model.allow_partial_init)
+                load_pretrained(
+                    build_pgseg(cfg), cfg.model.pretrained, cfg.model.allow_partial_init
+                )
             except PartialCheckpointError as err:
                 raise ConfigError(f"config error: model.pretrained: {err}") from None
     elif cfg.task == "vpl_seg":

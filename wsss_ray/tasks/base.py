@@ -21,13 +21,17 @@ class Task(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]):  # noqa: D102
         return self.training_forward(batch)
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: no decay on 1-d parameters (norms, biases, scales, embeddings' gains)."""
+    def param_groups(self, weight_decay: float, decay_logit_scales: bool = False) -> list[dict]:
+        """AdamW groups: no decay on 1-d parameters (norms, biases, scales, embeddings' gains).
+        ``decay_logit_scales`` decays the logit scales as GroupViT/PGSeg do (their 0-d scales miss
+        the ``len(shape) == 1`` test of ``utils/optimizer.py``; ours are 1-element, for
+        DeepSpeed)."""
         decay, no_decay = [], []
-        for _name, p in self.named_parameters():
+        for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if p.ndim <= 1 else decay).append(p)
+            scale = decay_logit_scales and name.endswith("logit_scale")
+            (no_decay if p.ndim <= 1 and not scale else decay).append(p)
         return [
             {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},

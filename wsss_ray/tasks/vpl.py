@@ -89,8 +89,8 @@ class VPLSegTask(Task):
         with torch.no_grad():
             return dense(images.float(), tokens=True)
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        groups = super().param_groups(weight_decay)
+    def param_groups(self, weight_decay: float, decay_logit_scales: bool = False) -> list[dict]:
+        groups = super().param_groups(weight_decay, decay_logit_scales)
         lr = self.cfg.optim.lr * self.cfg.decoder.lr_mult
         return [{**g, "lr": lr} for g in groups]
 

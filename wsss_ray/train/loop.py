@@ -255,7 +255,11 @@ def build_engine(cfg: Any, task: torch.nn.Module, world: int = 1) -> tuple[Any, 
     cuda = bool(cfg.scaling.use_gpu) and torch.cuda.is_available()
     fused = {"fused": True} if cuda and cfg.train.fused_adamw else {}
     optimizer = torch.optim.AdamW(
-        task.param_groups(o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, **fused
+        task.param_groups(o.weight_decay, o.decay_logit_scales),
+        lr=o.lr,
+        betas=tuple(o.betas),
+        eps=o.eps,
+        **fused,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(o, total_steps(cfg)))
     engine, optimizer, _, scheduler = deepspeed.initialize(
