@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from wsss_ray.config import ConfigError, ClipPretrainConfig, parse_job_args
+from wsss_ray.config import ClipPretrainConfig, ConfigError, parse_job_args
 from wsss_ray.train.driver import print_summary, run
 
 

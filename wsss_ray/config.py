@@ -371,6 +371,17 @@ class PGSegLossConfig:
     pg_init_scale: float = _f(
         10.0, "initial L_PG logit scale (1/0.1), one scale shared by every L_PG term"
     )
+    multi_label: int = _f(
+        0,
+        "GroupViT's multi-label loss: N noun prompts per caption (0 = off, as PGSeg and GroupViT "
+        "gcc_redcap; GroupViT gcc_yfcc: 3)",
+    )
+    multi_label_weight: float = _f(1.0, "weight of the multi-label loss")
+    noun_tagger: str = _f(
+        "nltk",
+        "words that become prompts: nltk (GroupViT's POS tags; needs nltk and its data) | words "
+        "(every non-stop word of 3+ letters: no nltk needed)",
+    )
 
 
 @dataclass

@@ -153,3 +153,36 @@ def test_eval_loads_a_checkpoint_trained_without_npr(tmp_path):
     torch.save(state, tmp_path / "broken.pt")
     with pytest.raises(ValueError, match="1 missing"):
         build_model("tiny", str(tmp_path / "broken.pt"))
+
+
+def test_pgseg_trains_and_evaluates_with_imagenet_statistics():
+    """GroupViT/PGSeg normalise with ImageNet's mean/std in training and in zero-shot evaluation;
+    CLIP pretraining keeps CLIP's. Hand-computed: a grey 128 pixel becomes (128/255 - mean)/std."""
+    from wsss_ray.config import (
+        CLIP_MEAN,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        ClipPretrainConfig,
+        PGSegPretrainConfig,
+        ZeroShotConfig,
+    )
+    from wsss_ray.eval.pgseg import segmenter_for
+    from wsss_ray.models.pgseg import PGSeg
+
+    assert PGSegPretrainConfig().data.mean == IMAGENET_MEAN == [0.485, 0.456, 0.406]
+    assert PGSegPretrainConfig().data.std == IMAGENET_STD == [0.229, 0.224, 0.225]
+    assert ClipPretrainConfig().data.mean == CLIP_MEAN
+    model = PGSeg("tiny").eval()
+    seen = []
+    encode = model.encode_image
+    model.encode_image = lambda x: seen.append(x.clone()) or encode(x)
+    names = ["background", "circle", "square"]
+    image = np.full((64, 64, 3), 128, np.uint8)
+    zs = ZeroShotConfig(short_side=64, window=64, stride=32)
+    segmenter_for(model, "tiny", names, zs, 0.5).predict(image)  # the eval job's default
+    want = [(128 / 255 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
+    torch.testing.assert_close(seen[-1][0, :, 0, 0], torch.tensor(want), atol=1e-5, rtol=0)
+    # periodic validation passes the run's own data.mean/std
+    segmenter_for(model, "tiny", names, zs, 0.5, mean=CLIP_MEAN, std=[0.5, 0.5, 0.5]).predict(image)
+    want = [(128 / 255 - m) / 0.5 for m in CLIP_MEAN]
+    torch.testing.assert_close(seen[-1][0, :, 0, 0], torch.tensor(want), atol=1e-5, rtol=0)

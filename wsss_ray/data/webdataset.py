@@ -189,6 +189,8 @@ class ImageTextDecoder:
         context_length: int | None = None,
         skip_counter: str | None = None,
         decode_on_worker: bool = False,
+        multi_label: int = 0,
+        noun_tagger: str = "nltk",
     ):
         from torchvision.transforms import v2
 
@@ -204,6 +206,13 @@ class ImageTextDecoder:
             ops.append(v2.RandomHorizontalFlip())
         self.transform = v2.Compose(ops)
         self.decode_on_worker = decode_on_worker
+        #: GroupViT's multi-label loss: ``text`` becomes n x (1 + multi_label) x context tokens
+        self.multi_label, self.noun_tagger = multi_label, noun_tagger
+        if multi_label:
+            from wsss_ray.data.nouns import imagenet_templates
+
+            self.templates = imagenet_templates()
+            self.rng = np.random.default_rng(seed)
         if seed is not None:
             torch.manual_seed(seed)
         self.skips = SkipReporter(skip_counter)
@@ -250,6 +259,20 @@ class ImageTextDecoder:
         top, left, h, w, flip = self._draw(height, width)
         return raw, [top, left, h, w], flip
 
+    def _tokens(self, captions: list[str]) -> np.ndarray:
+        """n x context tokens, or n x (1 + multi_label) x context: caption, then noun prompts."""
+        if not self.multi_label:
+            return self.tokenizer(captions).numpy().astype(np.int64)
+        from wsss_ray.data.nouns import noun_prompts
+
+        texts = [
+            t
+            for c in captions
+            for t in noun_prompts(c, self.multi_label, self.rng, self.templates, self.noun_tagger)
+        ]
+        tokens = self.tokenizer(texts).numpy().astype(np.int64)
+        return tokens.reshape(len(captions), 1 + self.multi_label, -1)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["__key__"])
         jpgs = batch.get("jpg", [None] * n)
@@ -283,11 +306,12 @@ class ImageTextDecoder:
         ctx = getattr(self.tokenizer, "context_length", 77)
         if kept:
             skipped[0] = n - kept
-            tokens = self.tokenizer(captions).numpy().astype(np.int64)
+            tokens = self._tokens(captions)
         else:
             if n:
                 log.warning("a whole batch of %d samples was undecodable", n)
-            tokens = np.zeros((0, ctx), np.int64)
+            shape = (0, 1 + self.multi_label, ctx) if self.multi_label else (0, ctx)
+            tokens = np.zeros(shape, np.int64)
         if self.decode_on_worker:
             jpeg_arr = np.empty(kept, dtype=object)
             jpeg_arr[:] = images
@@ -355,6 +379,8 @@ def image_text_dataset(
     reader: str = "fused",
     shuffle_files: bool = True,
     passes: int = 1,
+    multi_label: int = 0,
+    noun_tagger: str = "nltk",
 ):
     """The training dataset: tolerant read -> decode/crop/tokenize on a CPU actor pool
     (``skip_counter``: the name from :func:`wsss_ray.data.skips.start_skip_counter`;
@@ -378,6 +404,8 @@ def image_text_dataset(
         "context_length": context_length,
         "skip_counter": skip_counter,
         "decode_on_worker": decode_device == "cuda",
+        "multi_label": multi_label,
+        "noun_tagger": noun_tagger,
     }
     if reader == "fused":
         ds, fs = shard_path_dataset(paths, shuffle_files, passes)

@@ -67,6 +67,19 @@ def check_config(cfg: Any) -> None:
             )
         if cfg.npr.text_mode not in ("tokens", "reference", "none"):
             raise ConfigError("config error: npr.text_mode: tokens | reference | none")
+        if cfg.loss.multi_label < 0:
+            raise ConfigError("config error: loss.multi_label: must be >= 0")
+        if cfg.loss.noun_tagger not in ("nltk", "words"):
+            raise ConfigError("config error: loss.noun_tagger: nltk | words")
+        if cfg.loss.multi_label and cfg.loss.noun_tagger == "nltk":
+            from wsss_ray.data.nouns import nltk_ready
+
+            missing = nltk_ready()
+            if missing:
+                raise ConfigError(
+                    "config error: loss.noun_tagger: nltk (GroupViT's tagger) is not usable "
+                    f"offline here: {missing}; or loss.noun_tagger=words"
+                )
         if cfg.model.pretrained:  # a checkpoint that does not fit fails here, not in a worker
             from wsss_ray.models.pgseg import PartialCheckpointError
             from wsss_ray.tasks.pgseg import build_pgseg, load_pretrained

@@ -22,6 +22,7 @@ import torch
 
 from wsss_ray.config import PGSegPretrainConfig
 from wsss_ray.losses.contrastive import GatheredContrastiveLoss
+from wsss_ray.losses.multi_label import MultiLabelLoss
 from wsss_ray.losses.prototype import PrototypeLoss
 from wsss_ray.models.pgseg import PGSeg, load_groupvit_checkpoint
 from wsss_ray.ops.matching import (
@@ -50,6 +51,7 @@ def build_pgseg(cfg: PGSegPretrainConfig) -> PGSeg:
         reconstruction=n.reconstruction,
         ema_renorm=n.ema_renorm,
         pg_init_scale=cfg.loss.pg_init_scale,
+        multi_label=cfg.loss.multi_label,
     )
 
 
@@ -84,6 +86,7 @@ class PGSegTask(Task):
         self.it_loss = GatheredContrastiveLoss(m.max_logit_scale)
         hrs = cfg.hrs
         self.pg_loss = PrototypeLoss(hrs.phi, m.max_logit_scale, hrs.reference_column0)
+        self.multi_label = MultiLabelLoss(m.max_logit_scale) if cfg.loss.multi_label else None
         self.weights = cfg.loss
         self.maximize = cfg.match.maximize
         self.npr_enabled = n.enabled
@@ -103,14 +106,30 @@ class PGSegTask(Task):
         matched = gather_matched(protos.to(groups.dtype), perm)
         return self.pg_loss(groups, matched, self.model.pg_logit_scale)
 
+    def _encode_text(self, tokens: torch.Tensor):
+        """(caption outputs, noun-prompt embeddings B x n x D or None, caption tokens). With
+        ``loss.multi_label`` the captions and their prompts are encoded in one batch, as GroupViT
+        does (the projector's BatchNorm sees them all)."""
+        if tokens.ndim == 2:
+            return self.model.encode_text(tokens), None, tokens
+        b, n1 = tokens.shape[:2]
+        out = self.model.encode_text(tokens.flatten(0, 1))
+        embed = out["embed"].reshape(b, n1, -1)
+        caption = {
+            "embed": embed[:, 0],
+            "pooled": out["pooled"].reshape(b, n1, -1)[:, 0],
+            "tokens": out["tokens"].reshape(b, n1, *out["tokens"].shape[1:])[:, 0],
+        }
+        return caption, embed[:, 1:], tokens[:, 0]
+
     def training_forward(self, batch):
         image = self.model.encode_image(batch["image"])
         stages = image["stages"]
         pending: list[PendingMatch | None] = []
         if self.npr_enabled:  # the image stages' matchings run while the text side is queued
             pending = [self._start_match(s["groups"], s["protos"]) for s in stages]
-        text = self.model.encode_text(batch["text"])
-        text_protos = self.model.text_prototypes(text, batch["text"])
+        text, prompts, tokens = self._encode_text(batch["text"])
+        text_protos = self.model.text_prototypes(text, tokens)
         text_pending = text_groups = None
         if text_protos is not None:
             text_groups = self.model.groups_for_text(stages[-1]["groups"])
@@ -121,6 +140,12 @@ class PGSegTask(Task):
         )
         losses = {"it_loss": w.it * it}
         metrics: dict[str, torch.Tensor] = {"it_raw": it.detach()}
+        if prompts is not None and self.multi_label is not None:
+            ml = self.multi_label(
+                image["embed"], prompts, self.model.multi_label_logit_scale.float()
+            )
+            losses["multi_label_loss"] = w.multi_label_weight * ml
+            metrics["multi_label_raw"] = ml.detach()
         for s, stage in enumerate(stages, start=1):
             hard = stage["attn_hard"]  # B x K x N, one-hot over K
             metrics[f"group_usage_{s}"] = (hard.detach().sum(-1) > 0).float().mean()
@@ -138,5 +163,7 @@ class PGSegTask(Task):
     def after_step(self) -> None:
         cap = torch.log(torch.tensor(self.it_loss.max_logit_scale))
         self.model.logit_scale.clamp_(max=cap)
+        if hasattr(self.model, "multi_label_logit_scale"):
+            self.model.multi_label_logit_scale.clamp_(max=cap)
         if self.model.pg_logit_scale is not None:
             self.model.pg_logit_scale.clamp_(max=cap)

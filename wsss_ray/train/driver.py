@@ -98,6 +98,8 @@ def build_datasets(
             decode_device=d.decode_device,
             reader=d.reader,
             passes=d.passes_per_execution,
+            multi_label=getattr(getattr(cfg, "loss", None), "multi_label", 0),
+            noun_tagger=getattr(getattr(cfg, "loss", None), "noun_tagger", "nltk"),
         )
         return {"train": train}
     raise ValueError(f"no dataset builder for task '{cfg.task}'")
