@@ -89,11 +89,13 @@ def test_prototype_loss_kept_tensor_equals_fraction():
 
     g = torch.Generator().manual_seed(1)
     groups, protos = torch.randn(3, 8, 16, generator=g), torch.randn(3, 8, 16, generator=g)
-    _, kept = PrototypeLoss(phi=0.3)(groups, protos)
+    _, kept = PrototypeLoss(phi=0.3)(groups, protos, torch.zeros(1))
     cos = torch.nn.functional.normalize(groups, dim=-1) @ torch.nn.functional.normalize(
         protos, dim=-1
     ).transpose(1, 2)
-    expected = hard_rejection_keep(cos, 0.3).float().mean().item()
+    # one mask per CE term: over the groups (per prototype) and over the prototypes (per group)
+    both = torch.cat([hard_rejection_keep(cos, 0.3), hard_rejection_keep(cos.transpose(1, 2), 0.3)])
+    expected = both.float().mean().item()
     assert isinstance(kept, torch.Tensor) and kept.item() == expected
 
 

@@ -134,3 +134,23 @@ def test_logit_scales_take_weight_decay_only_as_the_reference():
         in_decay = {id(p) for p in decay["params"]}
         assert (scales <= in_decay) == flag and not (scales & in_decay and not flag)
         assert all(p.ndim > 1 for p in decay["params"] if id(p) not in scales)
+
+
+def test_pgseg_synchronises_only_the_projector_batchnorms():
+    """The reference converts img/text_projector to SyncBatchNorm, not NPR's mapping_x."""
+    import torch
+
+    from wsss_ray.config import PGSegPretrainConfig
+    from wsss_ray.tasks import build_task
+
+    over = ["model.size=tiny", "npr.reconstruction=reference"]
+    task = build_task(load_config(PGSegPretrainConfig, "configs/pgseg/tiny.yaml", over))
+    task = task.sync_batchnorm()
+    kinds = {
+        n: type(m)
+        for n, m in task.named_modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    }
+    synced = sorted(n for n, k in kinds.items() if k is torch.nn.SyncBatchNorm)
+    assert synced == ["model.img_projector.linear_hidden.1", "model.text_projector.linear_hidden.1"]
+    assert any(".recon." in n for n, k in kinds.items() if k is torch.nn.BatchNorm1d)

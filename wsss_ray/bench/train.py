@@ -196,7 +196,7 @@ def bench_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.train.seed)
     task = build_task(cfg)
     if cfg.scaling.use_gpu and world > 1:
-        task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(task)
+        task = task.sync_batchnorm()
     steps = total_steps(cfg)
     engine, _, _ = build_engine(cfg, task, world)
     dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32

@@ -21,6 +21,11 @@ class Task(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]):  # noqa: D102
         return self.training_forward(batch)
 
+    def sync_batchnorm(self) -> Task:
+        """The task with its BatchNorms synchronised across workers (multi-GPU runs): all of
+        them by default; a task may keep some per-worker, as its reference does."""
+        return nn.SyncBatchNorm.convert_sync_batchnorm(self)
+
     def param_groups(self, weight_decay: float, decay_logit_scales: bool = False) -> list[dict]:
         """AdamW groups: no decay on 1-d parameters (norms, biases, scales, embeddings' gains).
         ``decay_logit_scales`` decays the logit scales as GroupViT/PGSeg do (their 0-d scales miss

@@ -106,6 +106,14 @@ class PGSegTask(Task):
         matched = gather_matched(protos.to(groups.dtype), perm)
         return self.pg_loss(groups, matched, self.model.pg_logit_scale)
 
+    def sync_batchnorm(self) -> PGSegTask:
+        """Only the projector heads, as the reference converts them (GroupViT/PGSeg
+        ``models/multi_label_contrastive.py``); NPR's ``mapping_x`` BatchNorm stays per worker."""
+        m = self.model
+        m.img_projector = torch.nn.SyncBatchNorm.convert_sync_batchnorm(m.img_projector)
+        m.text_projector = torch.nn.SyncBatchNorm.convert_sync_batchnorm(m.text_projector)
+        return self
+
     def _encode_text(self, tokens: torch.Tensor):
         """(caption outputs, noun-prompt embeddings B x n x D or None, caption tokens). With
         ``loss.multi_label`` the captions and their prompts are encoded in one batch, as GroupViT

@@ -296,7 +296,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     task = build_task(cfg, **loop_config.get("task_args", {}))
     synced_bn = cfg.scaling.use_gpu and world > 1
     if synced_bn:  # batch statistics over the global batch (NCCL only)
-        task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(task)
+        task = task.sync_batchnorm()
     torch.manual_seed(cfg.train.seed + 1009 * rank)  # independent noise per rank
 
     steps = total_steps(cfg)
