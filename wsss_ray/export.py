@@ -24,13 +24,14 @@ def export_checkpoint(cfg: ExportConfig) -> Path:
     layout = cfg.layout if cfg.layout != "auto" else ("pgseg" if has_npr else "groupvit")
     if layout == "pgseg" and not has_npr:
         raise ValueError("layout=pgseg needs a model trained with NPR (npr.enabled=true)")
-    if layout == "groupvit" and has_npr:
-        print(
-            "[wsss_ray] warning: layout=groupvit drops the NPR reconstruction this model adds at "
-            "inference; the reference GroupViT will not compute the same outputs",
-            flush=True,
-        )
-        model = _without_npr(model, m.size, m.text_act)
+    if layout == "groupvit":
+        if has_npr:
+            print(
+                "[wsss_ray] warning: layout=groupvit drops the NPR reconstruction this model adds "
+                "at inference; the reference GroupViT will not compute the same outputs",
+                flush=True,
+            )
+        model = _without_npr(model, m.size, m.text_act)  # and without text prototypes
     if m.text_act != "quick_gelu":
         print(
             "[wsss_ray] warning: model.text_act=gelu; the reference text tower is QuickGELU, so "
@@ -50,7 +51,10 @@ def export_checkpoint(cfg: ExportConfig) -> Path:
 def _without_npr(model, size: str, text_act: str):
     from wsss_ray.models.pgseg import PGSeg
 
-    bare = PGSeg(size, npr_enabled=False, text_mode="none", text_act=text_act)
+    multi_label = int(hasattr(model, "multi_label_logit_scale"))
+    bare = PGSeg(
+        size, npr_enabled=False, text_mode="none", text_act=text_act, multi_label=multi_label
+    )
     own = bare.state_dict()
     bare.load_state_dict({k: v for k, v in model.state_dict().items() if k in own}, strict=True)
     return bare.eval()

@@ -451,3 +451,22 @@ def test_pretraining_starts_from_a_released_groupvit_file(tmp_path):
     losses, metrics = task.training_forward({"image": image, "text": tokens})
     assert set(losses) == {"it_loss", "pg1_loss", "pg2_loss", "pg_text_loss"}
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.parametrize("text_mode", ["tokens", "none"])
+def test_export_layout_whatever_our_text_mode(text_mode, tmp_path):
+    """PGSeg's layout always has its text NPR buffer; GroupViT's never has text prototypes."""
+    import importlib.util
+
+    pg = PGSeg("tiny", reconstruction="reference", text_mode=text_mode)
+    assert set(export_reference_state(pg)) == set(released_layout("tiny", True))
+    spec = importlib.util.spec_from_file_location("export_job", "jobs/export_checkpoint.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    gv = PGSeg("tiny", npr_enabled=False, text_mode=text_mode)
+    torch.save({f"model.{k}": v for k, v in gv.state_dict().items()}, tmp_path / "gv.pt")
+    out = tmp_path / "gv.pth"
+    assert (
+        job.main(["model.size=tiny", f"model.checkpoint={tmp_path / 'gv.pt'}", f"out={out}"]) == 0
+    )
+    assert set(torch.load(out, weights_only=True)["model"]) == set(released_layout("tiny", False))

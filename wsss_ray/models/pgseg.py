@@ -380,10 +380,11 @@ def load_for_inference(size: str, state: dict[str, torch.Tensor], text_act: str,
 
 
 def export_reference_state(model: PGSeg) -> dict[str, torch.Tensor]:
-    """Our weights in the released layout: GroupViT's when the model has no NPR, PGSeg's
-    otherwise (which needs ``npr.reconstruction: reference``; the text prototypes buffer is the
-    reference's [1, K, 1] only with ``npr.text_mode: reference``, else a unit placeholder, as
-    the reference's forward never reads it at inference). Scales become 0-d, projector weights
+    """Our weights in the released layout: GroupViT's when the model has neither NPR nor text
+    prototypes (``wsss_ray.export`` drops them for ``layout=groupvit``), PGSeg's when it has NPR
+    (which needs ``npr.reconstruction: reference``; the text prototypes buffer is the reference's
+    [1, K, 1] only with ``npr.text_mode: reference``, else a unit placeholder, as the reference's
+    forward never reads it at inference). Scales become 0-d, projector weights
     Conv1d ``[out, in, 1]``."""
     out: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
@@ -411,7 +412,10 @@ def export_reference_state(model: PGSeg) -> dict[str, torch.Tensor]:
                 value = torch.full((k, 1), 1 / math.sqrt(k))
             value = value.unsqueeze(0)
         out[key] = value
-    if "text_encoder.Atten.mu" in out:
+    if any(".downsample_spatial." in k for k in out):  # PGSeg's layout: its text NPR buffer and
+        if "text_encoder.Atten.mu" not in out:  # unused head exist whatever our text mode
+            k = [n for n in model.size.group_tokens if n > 0][-1]
+            out["text_encoder.Atten.mu"] = torch.full((1, k, 1), 1 / math.sqrt(k))
         out.update(_unused_mapping_text(model))
     return out
 
