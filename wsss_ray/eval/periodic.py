@@ -44,16 +44,24 @@ def load_validation_set(cfg: Any, output_dir: str | Path) -> dict | None:
     }
 
 
-def build_validator(cfg: Any, val: dict) -> Callable[[torch.nn.Module, int, int], np.ndarray]:
-    """``validate(task, rank, world) -> local confusion matrix`` for the task named by cfg."""
+def build_validator(
+    cfg: Any, val: dict, spec: Any = None
+) -> Callable[[torch.nn.Module, int, int], np.ndarray]:
+    """``validate(task, rank, world) -> local confusion matrix``: the task's registry
+    ``validator`` hook."""
+    from wsss_ray.tasks.registry import spec_for
+
+    spec = spec or spec_for(cfg)
+    if not spec.has("validator"):
+        raise ValueError(f"no periodic validation for task '{spec.name}'")
+    return spec.hook("validator")(cfg, val)
+
+
+def zero_shot_validator(cfg: Any, val: dict) -> Callable[[torch.nn.Module, int, int], np.ndarray]:
+    """PGSeg: zero-shot segmentation of the validation images with the model in training."""
     from PIL import Image
 
     from wsss_ray.eval.miou import confusion_matrix
-
-    if cfg.task == "vpl_seg":
-        return _vpl_validator(cfg, val)
-    if cfg.task != "pgseg":
-        raise ValueError(f"no periodic validation for task '{cfg.task}'")
     from wsss_ray.eval.pgseg import segmenter_for
 
     names = val["class_names"]
@@ -80,7 +88,7 @@ def build_validator(cfg: Any, val: dict) -> Callable[[torch.nn.Module, int, int]
     return validate
 
 
-def _vpl_validator(cfg: Any, val: dict) -> Callable[[torch.nn.Module, int, int], np.ndarray]:
+def decoder_validator(cfg: Any, val: dict) -> Callable[[torch.nn.Module, int, int], np.ndarray]:
     """Decoder mIoU on the validation images (scales/flip of ``eval.test``), in eval mode."""
     from PIL import Image
 

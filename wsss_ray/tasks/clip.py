@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from wsss_ray.config import ClipPretrainConfig
+from wsss_ray.config import ClipPretrainConfig, ConfigError
 from wsss_ray.losses.contrastive import GatheredContrastiveLoss
 from wsss_ray.models.clip import create_clip
 from wsss_ray.tasks.base import Task
@@ -32,3 +32,22 @@ class ClipTask(Task):
     @torch.no_grad()
     def after_step(self) -> None:
         self.model.logit_scale.clamp_(max=torch.log(torch.tensor(self.loss.max_logit_scale)))
+
+
+def tokenizer_spec(cfg: ClipPretrainConfig) -> tuple[str, int | None]:
+    return cfg.model.name, None  # the architecture's own tokenizer and context
+
+
+def check_config(cfg: ClipPretrainConfig) -> None:
+    from wsss_ray.models.clip import image_size, model_config
+
+    try:
+        model_config(cfg.model.name)
+    except KeyError as err:
+        raise ConfigError(f"config error: model.name: {err.args[0]}") from None
+    want = image_size(cfg.model.name)
+    if cfg.data.image_size != want:
+        raise ConfigError(
+            f"config error: data.image_size: {cfg.model.name} takes {want}px "
+            f"inputs, got {cfg.data.image_size}"
+        )

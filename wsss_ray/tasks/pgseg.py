@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from wsss_ray.config import PGSegPretrainConfig
+from wsss_ray.config import ConfigError, PGSegPretrainConfig
 from wsss_ray.losses.contrastive import GatheredContrastiveLoss
 from wsss_ray.losses.multi_label import MultiLabelLoss
 from wsss_ray.losses.prototype import PrototypeLoss
@@ -175,3 +175,46 @@ class PGSegTask(Task):
             self.model.multi_label_logit_scale.clamp_(max=cap)
         if self.model.pg_logit_scale is not None:
             self.model.pg_logit_scale.clamp_(max=cap)
+
+
+def tokenizer_spec(cfg: PGSegPretrainConfig) -> tuple[str, int | None]:
+    from wsss_ray.models.pgseg import SIZES
+
+    return "ViT-B-16", SIZES[cfg.model.size].context_length  # CLIP BPE
+
+
+def check_config(cfg: PGSegPretrainConfig) -> None:
+    """Checks that need the model registry (or the weights file), before Ray starts."""
+    from wsss_ray.models.pgseg import SIZES, PartialCheckpointError
+
+    if cfg.model.size not in SIZES:
+        raise ConfigError(
+            f"config error: model.size: unknown size '{cfg.model.size}' "
+            f"(known: {', '.join(sorted(SIZES))})"
+        )
+    want = SIZES[cfg.model.size].image_size
+    if cfg.data.image_size != want:
+        raise ConfigError(
+            f"config error: data.image_size: PGSeg {cfg.model.size} takes "
+            f"{want}px inputs, got {cfg.data.image_size}"
+        )
+    if cfg.npr.text_mode not in ("tokens", "reference", "none"):
+        raise ConfigError("config error: npr.text_mode: tokens | reference | none")
+    if cfg.loss.multi_label < 0:
+        raise ConfigError("config error: loss.multi_label: must be >= 0")
+    if cfg.loss.noun_tagger not in ("nltk", "words"):
+        raise ConfigError("config error: loss.noun_tagger: nltk | words")
+    if cfg.loss.multi_label and cfg.loss.noun_tagger == "nltk":
+        from wsss_ray.data.nouns import nltk_ready
+
+        missing = nltk_ready()
+        if missing:
+            raise ConfigError(
+                "config error: loss.noun_tagger: nltk (GroupViT's tagger) is not usable "
+                f"offline here: {missing}; or loss.noun_tagger=words"
+            )
+    if cfg.model.pretrained:  # a checkpoint that does not fit fails here, not in a worker
+        try:
+            load_pretrained(build_pgseg(cfg), cfg.model.pretrained, cfg.model.allow_partial_init)
+        except PartialCheckpointError as err:
+            raise ConfigError(f"config error: model.pretrained: {err}") from None

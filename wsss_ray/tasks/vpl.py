@@ -138,3 +138,72 @@ def predict_probs(
         probs = logits.softmax(1).sum(0)
         total = probs if total is None else total + probs
     return total / (len(scales) * (2 if flip else 1))
+
+
+# ------------------------------------------------------------------ registry hooks (vpl_seg)
+def check_config(cfg: VPLTrainConfig) -> None:
+    from wsss_ray.config import ConfigError
+    from wsss_ray.models.clip import model_config
+
+    try:
+        patch = model_config(cfg.clip.name)["vision_cfg"].get("patch_size", 16)
+    except KeyError as err:
+        raise ConfigError(f"config error: clip.name: {err.args[0]}") from None
+    if cfg.data.crop_size % patch:
+        raise ConfigError(
+            f"config error: data.crop_size: {cfg.data.crop_size} is not a multiple of "
+            f"{cfg.clip.name}'s patch size {patch}"
+        )
+
+
+def prepare(cfg: VPLTrainConfig, output_dir):
+    """The segmentation split with phase-1 pseudo-labels (no WebDataset shards); every image
+    must have its label before Ray starts."""
+    from wsss_ray.config import pseudo_label_dir
+    from wsss_ray.data.seg_train import missing_pseudo_labels
+    from wsss_ray.eval.datasets import resolve_source
+    from wsss_ray.tasks.registry import TrainData
+
+    source = resolve_source(cfg.data.seg, output_dir)
+    labels = pseudo_label_dir(cfg)
+    missing = missing_pseudo_labels(source, labels)
+    if missing:  # before Ray starts: a clear error, not a failed actor later
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(source.records)} {source.name} {source.split} images "
+            f"have no pseudo-label in {labels} (e.g. {missing[0]}.png); run "
+            "jobs/vpl_pseudo_labels.py on this split first"
+        )
+    print(
+        f"[wsss_ray] {len(source.records)} {source.name} {source.split} images with "
+        f"pseudo-labels from {labels}",
+        flush=True,
+    )
+    return TrainData(source=source, task_args={"num_classes": len(source.class_names)})
+
+
+def datasets(cfg: VPLTrainConfig, data, skip_counter: str | None = None) -> dict:
+    from wsss_ray.config import pseudo_label_dir
+    from wsss_ray.data.seg_train import pseudo_label_dataset
+
+    d = cfg.data
+    train = pseudo_label_dataset(
+        data.source,
+        pseudo_label_dir(cfg),
+        d.crop_size,
+        tuple(d.scale_range),
+        d.hflip,
+        list(d.mean),
+        d.decode_batch_size,
+        tuple(d.decode_actors),
+        d.cpus_per_decode_actor,
+        skip_counter,
+    )
+    return {"train": train}
+
+
+def trial_setup(cfg: VPLTrainConfig) -> None:
+    """As jobs/train_vpl.py: the prototypes path absolute for the workers."""
+    from wsss_ray.config import prototypes_path
+
+    if cfg.rsc.weight > 0:
+        cfg.phase1.prototypes = str(prototypes_path(cfg).resolve())

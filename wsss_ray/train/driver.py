@@ -38,71 +38,13 @@ def init_ray(cfg: TrainJobConfig) -> None:
     start_ray(needed, cfg.ray.num_cpus)
 
 
-def train_shards(cfg: TrainJobConfig) -> list[str]:
-    if cfg.task == "vpl_seg":
-        return []  # a segmentation split with pseudo-labels, not WebDataset shards
-    if cfg.data.train_shards:
-        return list(cfg.data.train_shards)
-    from wsss_ray.data.synthetic import ensure_synthetic_shards
-
-    syn = cfg.data.synthetic
-    folder = Path(cfg.run.output_dir).resolve() / "synthetic_shards"
-    print(
-        f"[wsss_ray] no data.train_shards given: using {syn.num_images} synthetic images "
-        f"in {folder}",
-        flush=True,
-    )
-    return ensure_synthetic_shards(
-        folder, syn.num_images, syn.seed, syn.image_size, syn.samples_per_shard
-    )
-
-
 def build_datasets(
     cfg: TrainJobConfig, shards: list[str], source: Any = None, skip_counter: str | None = None
 ) -> dict:
-    if cfg.task == "vpl_seg":
-        from wsss_ray.config import pseudo_label_dir
-        from wsss_ray.data.seg_train import pseudo_label_dataset
+    """The task's Ray Datasets (its registry ``datasets`` hook)."""
+    from wsss_ray.tasks.registry import TrainData, spec_for
 
-        d = cfg.data
-        train = pseudo_label_dataset(
-            source,
-            pseudo_label_dir(cfg),
-            d.crop_size,
-            tuple(d.scale_range),
-            d.hflip,
-            list(d.mean),
-            d.decode_batch_size,
-            tuple(d.decode_actors),
-            d.cpus_per_decode_actor,
-            skip_counter,
-        )
-        return {"train": train}
-    if cfg.task in ("clip", "pgseg"):
-        from wsss_ray.data.webdataset import image_text_dataset
-        from wsss_ray.tasks import tokenizer_spec
-
-        d = cfg.data
-        name, context_length = tokenizer_spec(cfg)
-        train = image_text_dataset(
-            shards,
-            name,
-            d.image_size,
-            tuple(d.crop_scale),
-            d.hflip,
-            d.decode_batch_size,
-            tuple(d.decode_actors),
-            d.cpus_per_decode_actor,
-            context_length,
-            skip_counter,
-            decode_device=d.decode_device,
-            reader=d.reader,
-            passes=d.passes_per_execution,
-            multi_label=getattr(getattr(cfg, "loss", None), "multi_label", 0),
-            noun_tagger=getattr(getattr(cfg, "loss", None), "noun_tagger", "nltk"),
-        )
-        return {"train": train}
-    raise ValueError(f"no dataset builder for task '{cfg.task}'")
+    return spec_for(cfg).hook("datasets")(cfg, TrainData(shards, source), skip_counter)
 
 
 @dataclass
@@ -121,34 +63,15 @@ class TrainSetup:
 def prepare(cfg: TrainJobConfig) -> TrainSetup:
     """Checks, data (synthetic shards / pseudo-label checks) and the resolved config on disk;
     no Ray yet."""
-    from wsss_ray.tasks import check_config
+    from wsss_ray.tasks.registry import spec_for
 
-    check_config(cfg)
+    spec = spec_for(cfg)
+    spec.hook("check")(cfg)
     out = Path(cfg.run.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     storage = cfg.run.storage_path or str(out / "ray_results")
-    shards = train_shards(cfg)
-    source, task_args = None, {}
-    if cfg.task == "vpl_seg":
-        from wsss_ray.config import pseudo_label_dir
-        from wsss_ray.data.seg_train import missing_pseudo_labels
-        from wsss_ray.eval.datasets import resolve_source
-
-        source = resolve_source(cfg.data.seg, out)
-        task_args = {"num_classes": len(source.class_names)}
-        labels = pseudo_label_dir(cfg)
-        missing = missing_pseudo_labels(source, labels)
-        if missing:  # before Ray starts: a clear error, not a failed actor later
-            raise FileNotFoundError(
-                f"{len(missing)} of {len(source.records)} {source.name} {source.split} images "
-                f"have no pseudo-label in {labels} (e.g. {missing[0]}.png); run "
-                "jobs/vpl_pseudo_labels.py on this split first"
-            )
-        print(
-            f"[wsss_ray] {len(source.records)} {source.name} {source.split} images with "
-            f"pseudo-labels from {labels}",
-            flush=True,
-        )
+    data = spec.hook("prepare")(cfg, out)  # shards, a segmentation split, the task's arguments
+    shards, source, task_args = data.shards, data.source, data.task_args
     config_file = save_resolved(cfg, out / cfg.run.name)
     uri = tracking_uri(cfg.tracking.uri, str(out))
     return TrainSetup(out, storage, shards, source, task_args, config_file, uri)
@@ -164,6 +87,7 @@ def build_trainer(
 
     from wsss_ray.data.skips import start_skip_counter
     from wsss_ray.eval.periodic import load_validation_set
+    from wsss_ray.tasks.registry import spec_for
     from wsss_ray.train.loop import train_loop_per_worker
 
     skip_counter = start_skip_counter()
@@ -180,6 +104,7 @@ def build_trainer(
             "storage": os.path.join(setup.storage, cfg.run.name),
             "val": load_validation_set(cfg, setup.out),
             "task_args": setup.task_args,
+            "task_spec": spec_for(cfg),  # a run-time registered task reaches the workers too
             "skip_counter": skip_counter,
         },
         scaling_config=ray.train.ScalingConfig(

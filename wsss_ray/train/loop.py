@@ -293,7 +293,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train.seed)  # identical init on every rank
-    task = build_task(cfg, **loop_config.get("task_args", {}))
+    spec = loop_config.get("task_spec")  # the driver's registry entry (None: the table's)
+    task = build_task(cfg, spec, **loop_config.get("task_args", {}))
     synced_bn = cfg.scaling.use_gpu and world > 1
     if synced_bn:  # batch statistics over the global batch (NCCL only)
         task = task.sync_batchnorm()
@@ -325,7 +326,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if loop_config.get("val"):
         from wsss_ray.eval.periodic import build_validator
 
-        validate, every_eval = build_validator(cfg, loop_config["val"]), cfg.eval.every
+        validate = build_validator(cfg, loop_config["val"], spec)
+        every_eval = cfg.eval.every
 
     def validation_metrics() -> dict[str, float]:
         from wsss_ray.eval.miou import iou_from_confusion

@@ -38,9 +38,7 @@ from omegaconf import OmegaConf
 
 from wsss_ray.config import (
     ConfigError,
-    PGSegPretrainConfig,
     VPLConfig,
-    VPLTrainConfig,
     load_config,
 )
 
@@ -56,11 +54,16 @@ class Method:
     train: bool  # trials are Ray Train runs (ASHA can stop them) vs. cheap function trials
 
 
-METHODS: dict[str, Method] = {
-    "pgseg": Method(PGSegPretrainConfig, "jobs/pretrain_pgseg.py", True),
-    "vpl_seg": Method(VPLTrainConfig, "jobs/train_vpl.py", True),
-    "vpl_prototypes": Method(VPLConfig, "jobs/vpl_prototypes.py", False),
-}
+def _methods() -> dict[str, Method]:
+    """The sweepable training tasks of the task registry, then VPL phase 1 (function trials)."""
+    from wsss_ray.tasks.registry import TABLE, resolve
+
+    out = {n: Method(resolve(s.schema), s.job, True) for n, s in TABLE.items() if s.sweep}
+    out["vpl_prototypes"] = Method(VPLConfig, "jobs/vpl_prototypes.py", False)
+    return out
+
+
+METHODS: dict[str, Method] = _methods()
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint")
 SCHEDULERS = ("asha", "fifo")

@@ -99,14 +99,13 @@ def train_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from wsss_ray.config import prototypes_path
+    from wsss_ray.tasks.registry import spec_for
     from wsss_ray.tracking import Tracker
     from wsss_ray.train.driver import build_trainer, open_tracker, prepare
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(ctx, config, trial_run_name(ctx.sweep, trial_id))
-    if cfg.task == "vpl_seg" and cfg.rsc.weight > 0:  # as jobs/train_vpl.py: absolute for workers
-        cfg.phase1.prototypes = str(prototypes_path(cfg).resolve())
+    spec_for(cfg).hook("trial_setup")(cfg)  # e.g. VPL: the prototypes path absolute for workers
     setup = prepare(cfg)
     if ctx.parent_run_id:  # a child of the sweep's MLflow run, never a resumed one
         tracker = open_tracker(cfg, setup, resume=False)
