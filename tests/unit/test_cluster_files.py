@@ -144,7 +144,9 @@ def _schema(job_file: str) -> type:
     schemas = {
         v
         for v in vars(module).values()
-        if isinstance(v, type) and dataclasses.is_dataclass(v) and v.__module__ == "wsss_ray.config"
+        if isinstance(v, type)
+        and dataclasses.is_dataclass(v)
+        and v.__module__.startswith("wsss_ray.config")
     }
     assert len(schemas) == 1, f"{job_file}: cannot tell its config schema from {schemas}"
     return schemas.pop()
@@ -162,7 +164,8 @@ class _Proxy:
 
 @pytest.fixture()
 def cluster_side_paths(monkeypatch):
-    """Inside wsss_ray.config only: paths under CLUSTER_SIDE exist (and hold a shard)."""
+    """Inside the wsss_ray.config modules only: paths under CLUSTER_SIDE exist (and hold a
+    shard)."""
 
     def remote(p) -> bool:
         return str(p).startswith(CLUSTER_SIDE)
@@ -176,8 +179,11 @@ def cluster_side_paths(monkeypatch):
     fake_glob = _Proxy(
         glob, glob=lambda pattern, **kw: [pattern] if remote(pattern) else glob.glob(pattern, **kw)
     )
-    monkeypatch.setattr(config_module, "os", _Proxy(os, path=path))
-    monkeypatch.setattr(config_module, "glob", fake_glob)
+
+    for module in (config_module.common, config_module.seg, config_module.pgseg, config_module.vpl):
+        monkeypatch.setattr(module, "os", _Proxy(os, path=path))
+        if hasattr(module, "glob"):
+            monkeypatch.setattr(module, "glob", fake_glob)
     monkeypatch.chdir(ROOT)
 
 

@@ -1,0 +1,289 @@
+"""VPL job schemas: phase 1 (prototypes, seeds, pseudo-labels), phase 2 (the decoder) and its
+evaluation, with the paths phase 2 reads from phase 1."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wsss_ray.config.base import CLIP_MEAN, CLIP_STD, _f, crf_needed, need
+from wsss_ray.config.common import RayConfig, RunConfig, TrackingConfig, TrainJobConfig
+from wsss_ray.config.seg import InferenceConfig, SegDataConfig
+
+
+@dataclass
+class FrozenClipConfig:
+    name: str = _f("ViT-B-16", "open_clip architecture of the frozen CLIP (wsss-tiny for CPU)")
+    weights: str = _f(
+        "",
+        "local open_clip weights file, or a jobs/pretrain_clip.py run/checkpoint folder (required)",
+    )
+
+    def check(self) -> None:
+        w = self.weights
+        need(bool(w), "clip.weights", "give a local CLIP weights file or pretrain_clip run folder")
+        need(os.path.exists(w), "clip.weights", f"no such file or folder: {w}")
+
+
+@dataclass
+class PromptConfig:
+    templates: list[str] = _f(["a clean origami {}."], "prompt templates, averaged per class")
+    background: list[str] = _f(
+        [], "background words always in the CAM softmax; [] = dataset default (VOC 25, COCO 23)"
+    )
+
+    def check(self) -> None:
+        need(
+            all("{}" in t for t in self.templates) and bool(self.templates),
+            "prompts.templates",
+            "every template needs a {} for the class name",
+        )
+
+
+@dataclass
+class PrototypeConfig:
+    tau_t: float = _f(0.01, "temperature of the text target p' (restricted to Y_i + background)")
+    tau_i: float = _f(0.07, "temperature of the prediction p = softmax(W f / tau_I)")
+    lam: float = _f(1.0e-4, "weight of ||W||_F^2")
+    init: str = _f("text", "W0: text (= Z) | zero")
+    max_iter: int = _f(500, "gradient-descent iterations at most")
+    tol: float = _f(1.0e-6, "stop when the objective's relative change is below this")
+    patches_per_image: int = _f(0, "patch features kept per image, random (0 = all)")
+    shard_images: int = _f(256, "images per cached feature shard (the unit of resume)")
+    chunk_size: int = _f(65536, "feature rows per chunk of the full-batch gradient")
+    log_every: int = _f(10, "print the objective every N iterations (0 = off)")
+
+    def check(self) -> None:
+        need(self.init in ("text", "zero"), "prototypes.init", "text | zero")
+        need(self.tau_t > 0 and self.tau_i > 0, "prototypes.tau_t", "temperatures must be > 0")
+        need(self.lam >= 0, "prototypes.lam", "must be >= 0")
+        need(self.max_iter > 0, "prototypes.max_iter", "must be > 0")
+        need(self.patches_per_image >= 0, "prototypes.patches_per_image", "must be >= 0")
+        need(self.shard_images > 0, "prototypes.shard_images", "must be > 0")
+
+
+@dataclass
+class CamConfig:
+    prototypes: str = _f("text", "prototypes in the GradCAM softmax: text | vision")
+    prototype_file: str = _f(
+        "", "vision prototypes .pt ('' = prototypes.pt of this run from jobs/vpl_prototypes.py)"
+    )
+    scale: float = _f(1.0, "resize factor; the size is then rounded up to a patch multiple")
+    refine_layers: int = _f(8, "CAA: attention of the last N blocks (0 = no refinement)")
+    box_thresh: float = _f(
+        -1.0, "CAA box mask at CAM > t * max; < 0 = dataset default (VOC .4 COCO .7)"
+    )
+    alpha: float = _f(1.0, "background score (1 - max_c CAM) ** alpha")
+    crf: bool = _f(False, "dense CRF on the refined seeds (needs the crf extra)")
+    conf_thresh: float = _f(0.95, "after CRF: max probability below this -> 255")
+
+    def check(self) -> None:
+        need(self.prototypes in ("text", "vision"), "cam.prototypes", "text | vision")
+        need(
+            not self.prototype_file or os.path.isfile(self.prototype_file),
+            "cam.prototype_file",
+            f"no such file: {self.prototype_file}",
+        )
+        need(self.scale > 0, "cam.scale", "must be > 0")
+        need(self.refine_layers >= 0, "cam.refine_layers", "must be >= 0")
+        need(0 <= self.conf_thresh <= 1, "cam.conf_thresh", "must be in [0, 1]")
+        if self.crf:
+            crf_needed("cam.crf")
+
+
+@dataclass
+class VPLConfig:
+    """Both VPL phase-1 jobs (vpl_prototypes, vpl_pseudo_labels) read this; outputs meet in
+    <run.output_dir>/<run.name>/."""
+
+    task: str = "vpl"
+    clip: FrozenClipConfig = field(default_factory=FrozenClipConfig)
+    data: SegDataConfig = field(default_factory=lambda: SegDataConfig(split="train_aug"))
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    prototypes: PrototypeConfig = field(default_factory=PrototypeConfig)
+    cam: CamConfig = field(default_factory=CamConfig)
+    infer: InferenceConfig = field(default_factory=InferenceConfig)
+    num_overlays: int = _f(4, "image | ground truth | pseudo-label overlays logged to MLflow")
+    seed: int = _f(0, "seed of the patch subsampling")
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="vpl"))
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def check(self) -> None:
+        self.data.check("data")
+        self.infer.check()
+        self.clip.check()
+        self.prototypes.check()
+        self.cam.check()
+        self.prompts.check()
+
+
+@dataclass
+class SegTrainDataConfig:
+    """Images of a segmentation split with phase-1 pseudo-labels, augmented for training."""
+
+    seg: SegDataConfig = field(default_factory=lambda: SegDataConfig(split="train_aug"))
+    crop_size: int = _f(320, "training crop side (a multiple of the CLIP patch size)")
+    scale_range: list[float] = _f([0.5, 2.0], "random rescale range before the crop")
+    hflip: bool = _f(True, "random horizontal flip")
+    mean: list[float] = _f(CLIP_MEAN, "normalisation mean (RGB)")
+    std: list[float] = _f(CLIP_STD, "normalisation std (RGB)")
+    decode_batch_size: int = _f(16, "rows per map_batches call of the decode actors")
+    decode_actors: list[int] = _f([1, 2], "decode actor pool size (min, max)")
+    cpus_per_decode_actor: float = _f(1.0, "logical CPUs per decode actor")
+    local_shuffle_buffer: int = _f(0, "iter_torch_batches local shuffle buffer (0 = off)")
+
+    def check(self) -> None:
+        need(
+            len(self.decode_actors) == 2 and 1 <= self.decode_actors[0] <= self.decode_actors[1],
+            "data.decode_actors",
+            "needs (min, max) with 1 <= min <= max",
+        )
+        need(len(self.mean) == 3 and len(self.std) == 3, "data.mean", "mean and std need 3 values")
+        need(self.crop_size > 0, "data.crop_size", "must be > 0")
+        need(
+            len(self.scale_range) == 2 and 0 < self.scale_range[0] <= self.scale_range[1],
+            "data.scale_range",
+            "needs (min, max) with 0 < min <= max",
+        )
+
+
+@dataclass
+class PhaseOneConfig:
+    name: str = _f("vpl", "run.name of the phase-1 jobs (their outputs: <output_dir>/<name>/)")
+    folder: str = _f("", "phase-1 output folder; '' = <run.output_dir>/<phase1.name>")
+    labels: str = _f("vision", "pseudo-labels to train on: vision | text (pseudo_labels_<labels>/)")
+    prototypes: str = _f("", "vision prototypes .pt for RSC; '' = <folder>/prototypes.pt")
+
+
+@dataclass
+class DecoderConfig:
+    embed_dim: int = _f(256, "decoder width")
+    depth: int = _f(3, "transformer layers")
+    heads: int = _f(8, "attention heads")
+    dropout: float = _f(0.1, "dropout (transformer, before the classifier)")
+    lr_mult: float = _f(10.0, "decoder learning rate = optim.lr * lr_mult (WeCLIP)")
+
+    def check(self, key: str = "decoder") -> None:
+        need(self.embed_dim % self.heads == 0, f"{key}.heads", "must divide decoder.embed_dim")
+        need(self.depth >= 1, f"{key}.depth", "must be >= 1")
+
+
+@dataclass
+class RSCConfig:
+    weight: float = _f(0.1, "lambda_rsc: total = L_seg + weight * L_RSC (0 = no RSC)")
+    tau: float = _f(0.1, "InfoNCE temperature tau_r over the prototypes")
+
+
+@dataclass
+class SegInferConfig:
+    scales: list[float] = _f([1.0, 0.75], "test scales, softmax averaged")
+    flip: bool = _f(True, "add horizontally flipped inputs")
+    crf: bool = _f(False, "dense CRF on the averaged probabilities (needs the crf extra)")
+
+    def check(self, key: str) -> None:
+        need(bool(self.scales) and all(x > 0 for x in self.scales), f"{key}.scales", "must be > 0")
+        if self.crf:
+            crf_needed(f"{key}.crf")
+
+
+@dataclass
+class SegValConfig:
+    every: int = _f(0, "validation mIoU every N steps and at the end (0 = off)")
+    data: SegDataConfig = field(default_factory=lambda: SegDataConfig(max_images=32))
+    test: SegInferConfig = field(default_factory=lambda: SegInferConfig(scales=[1.0], flip=False))
+
+
+@dataclass
+class VPLTrainConfig(TrainJobConfig):
+    """VPL phase 2 (jobs/train_vpl.py): a decoder on the frozen CLIP, trained on phase-1
+    pseudo-labels with the segmentation loss and Regional Semantic Contrast."""
+
+    task: str = "vpl_seg"
+    clip: FrozenClipConfig = field(default_factory=FrozenClipConfig)
+    data: SegTrainDataConfig = field(default_factory=SegTrainDataConfig)  # type: ignore[assignment]
+    phase1: PhaseOneConfig = field(default_factory=PhaseOneConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    rsc: RSCConfig = field(default_factory=RSCConfig)
+    eval: SegValConfig = field(default_factory=SegValConfig)
+
+    def check(self) -> None:
+        self.optim.check()
+        self.train.check()
+        self.scaling.check()
+        self.run.check()
+        self.data.check()
+        need(self.phase1.labels.strip() != "", "phase1.labels", "vision | text | a folder")
+        labels = pseudo_label_dir(self)
+        need(
+            os.path.isdir(labels),
+            "phase1.labels",
+            f"no pseudo-label folder {labels} (run jobs/vpl_pseudo_labels.py first)",
+        )
+        if self.rsc.weight > 0:
+            protos = prototypes_path(self)
+            need(
+                os.path.isfile(protos),
+                "phase1.prototypes",
+                f"no prototypes file {protos} (run jobs/vpl_prototypes.py, or rsc.weight=0)",
+            )
+        need(self.rsc.tau > 0, "rsc.tau", "must be > 0")
+        need(self.decoder.lr_mult > 0, "decoder.lr_mult", "must be > 0")
+        need(self.eval.every >= 0, "eval.every", "must be >= 0")
+        self.decoder.check()
+        self.eval.test.check("eval.test")
+        self.clip.check()
+        self.data.seg.check("data.seg")
+        if self.eval.every:
+            self.eval.data.check("eval.data")
+
+
+@dataclass
+class VPLEvalConfig:
+    """jobs/eval_vpl.py: multi-scale + flip inference of a phase-2 decoder on a split."""
+
+    task: str = "vpl_eval"
+    clip: FrozenClipConfig = field(default_factory=FrozenClipConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    checkpoint: str = _f("", "jobs/train_vpl.py run folder, checkpoint folder or .pt (required)")
+    data: SegDataConfig = field(default_factory=SegDataConfig)
+    test: SegInferConfig = field(default_factory=SegInferConfig)
+    infer: InferenceConfig = field(default_factory=InferenceConfig)
+    num_overlays: int = _f(4, "image | ground truth | prediction overlays logged to MLflow")
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="eval_vpl"))
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def check(self) -> None:
+        self.decoder.check()
+        self.test.check("test")
+        self.clip.check()
+        need(bool(self.checkpoint), "checkpoint", "give the jobs/train_vpl.py run folder")
+        need(
+            os.path.exists(self.checkpoint),
+            "checkpoint",
+            f"no such file or folder: {self.checkpoint}",
+        )
+        self.data.check("data")
+        self.infer.check()
+
+
+def phase1_folder(cfg: VPLTrainConfig) -> Path:
+    """The phase-1 output folder the training reads pseudo-labels and prototypes from."""
+    return Path(cfg.phase1.folder or os.path.join(cfg.run.output_dir, cfg.phase1.name))
+
+
+def pseudo_label_dir(cfg: VPLTrainConfig) -> Path:
+    lab = cfg.phase1.labels
+    if lab in ("vision", "text"):
+        return phase1_folder(cfg) / f"pseudo_labels_{lab}"
+    return Path(lab)
+
+
+def prototypes_path(cfg: VPLTrainConfig) -> Path:
+    return (
+        Path(cfg.phase1.prototypes)
+        if cfg.phase1.prototypes
+        else (phase1_folder(cfg) / "prototypes.pt")
+    )
