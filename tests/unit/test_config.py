@@ -118,13 +118,13 @@ def test_reference_lists_every_key():
 def test_readme_config_reference_is_current():
     from pathlib import Path
 
-    readme = Path(__file__).resolve().parents[2] / "README.md"
+    readme = Path(__file__).resolve().parents[2] / "docs" / "CONFIG.md"
     text = readme.read_text()
     from wsss_ray.config import VPLEvalConfig, VPLTrainConfig
 
     for schema in (ClipPretrainConfig, PGSegEvalConfig, VPLConfig, VPLEvalConfig):
         assert reference(schema) in text, (
-            f"README's config reference is stale: paste reference({schema.__name__})"
+            f"docs/CONFIG.md is stale: paste reference({schema.__name__})"
         )
     pgseg_only = [
         line for line in reference(PGSegPretrainConfig).splitlines() if line.startswith("  eval.")

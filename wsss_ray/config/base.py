@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 
 def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
-    """A dataclass field with a help string (shown by ``--help`` and in the README)."""
+    """A dataclass field with a help string (shown by ``--help`` and in docs/CONFIG.md)."""
     if isinstance(default, list | dict):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
     return field(default=default, metadata={"help": help})

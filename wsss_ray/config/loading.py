@@ -86,7 +86,7 @@ def save_resolved(cfg: Any, folder: str | Path) -> Path:
 
 
 def reference(schema: type) -> str:
-    """Every key with its default and help, for ``--help`` and the README (defaults are read
+    """Every key with its default and help, for ``--help`` and docs/CONFIG.md (defaults are read
     from an instance, so sections built with non-default values show those)."""
     lines: list[str] = []
 

@@ -55,7 +55,7 @@ CAPTION_COLOUR_PROB = 0.3
 #: ``CAPTION_BACKGROUND_PROB``. Without them the background is never described, so nothing in
 #: the text gives a background segment content of its own, and a grouping model's background
 #: tokens end up naming the shapes: zero-shot segmentation labels the background as a shape
-#: (README, "Zero-shot segmentation").
+#: (docs/EVALUATION.md).
 BACKGROUND_TONES = {"dark": (55.0, 95.0), "light": (150.0, 195.0)}
 BACKGROUND_PATTERNS = ["striped", "checkered", "plain"]
 CAPTION_BACKGROUND_PROB = 0.8

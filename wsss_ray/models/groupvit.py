@@ -147,7 +147,7 @@ class AssignAttention(nn.Module):
     gradient; the assignment is normalised by (tokens per group + 1). ``gumbel=False`` drops the
     noise (the hard argmax of the logits, straight-through to softmax(logits / tau)): a small
     model whose assignment logits start near uniform otherwise gets random groups at every step
-    and never learns to commit (measured on the tiny model: see README "Zero-shot")."""
+    and never learns to commit (measured on the tiny model: see docs/EVALUATION.md)."""
 
     def __init__(
         self, dim: int, gumbel_tau: float = 1.0, assign_eps: float = 1.0, gumbel: bool = True
@@ -182,7 +182,7 @@ class GroupingBlock(nn.Module):
     attended to the whole image, so every segment token then carries the whole image; false
     keeps a segment token to its own image tokens (G still decides the assignment), which on
     the tiny synthetic-shapes model stops background segments from taking the shapes' names
-    (README, "Zero-shot segmentation")."""
+    (docs/EVALUATION.md)."""
 
     def __init__(
         self,

@@ -5,7 +5,7 @@ stage of 8 groups, which on the synthetic shapes world segments where two stages
 groups merge the shapes into the background; no transformer layer after the grouping, no
 group-token residual in the segment tokens, and image tokens that attend only to themselves
 (``attn_window=0``; the group tokens still see the whole image), so a background segment does
-not carry the shapes; README, "Zero-shot segmentation").
+not carry the shapes; docs/EVALUATION.md).
 
 Text-side prototypes (T-NPR), ``text_mode``:
 - ``tokens`` (our design): EM with K = 8 over the text tower's token features (padding masked),
@@ -71,7 +71,7 @@ SIZES = {
     "tiny": PGSegSize(64, 8, 64, 2, (1, 1, 1), (16, 4, 0), (16, 4), 64, 2, 2, 32, 64, 256, 0.0),
     # the demo's size: tiny's widths with one grouping stage (2 layers, 8 groups), no layer after
     # it, no group-token residual, image tokens that attend only to themselves: each final token
-    # is computed from its own segment's pixels only (README, "Zero-shot")
+    # is computed from its own segment's pixels only (docs/EVALUATION.md)
     "tiny_seg": PGSegSize(
         64,
         8,
