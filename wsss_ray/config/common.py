@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -50,12 +51,7 @@ class DataConfig:
     )
 
     def check(self, use_gpu: bool) -> None:
-        need(
-            len(self.decode_actors) == 2 and 1 <= self.decode_actors[0] <= self.decode_actors[1],
-            "data.decode_actors",
-            "needs (min, max) with 1 <= min <= max",
-        )
-        need(len(self.mean) == 3 and len(self.std) == 3, "data.mean", "mean and std need 3 values")
+        check_actors_and_norm(self)
         need(self.decode_device in ("cpu", "cuda"), "data.decode_device", "cpu | cuda")
         need(self.reader in ("fused", "read_webdataset"), "data.reader", "fused | read_webdataset")
         need(self.passes_per_execution >= 1, "data.passes_per_execution", "must be >= 1")
@@ -198,16 +194,7 @@ class TrainJobConfig:
         self.train.check()
         self.scaling.check()
         self.run.check()
-        if isinstance(self.data, DataConfig):  # VPL phase 2 has its own data section
-            self.data.check(self.scaling.use_gpu)
-        else:
-            d = self.data
-            need(
-                len(d.decode_actors) == 2 and 1 <= d.decode_actors[0] <= d.decode_actors[1],
-                "data.decode_actors",
-                "needs (min, max) with 1 <= min <= max",
-            )
-            need(len(d.mean) == 3 and len(d.std) == 3, "data.mean", "mean and std need 3 values")
+        self.data.check(self.scaling.use_gpu)  # VPL phase 2 has a data section of its own
 
 
 @dataclass
@@ -218,6 +205,17 @@ class ClipPretrainConfig(TrainJobConfig):
     def check(self) -> None:
         super().check()
         check_pretrained(self.model.pretrained)
+
+
+def check_actors_and_norm(data: DataConfig | Any) -> None:
+    """``data.decode_actors`` and ``data.mean/std`` of any training data section."""
+    actors = data.decode_actors
+    need(
+        len(actors) == 2 and 1 <= actors[0] <= actors[1],
+        "data.decode_actors",
+        "needs (min, max) with 1 <= min <= max",
+    )
+    need(len(data.mean) == 3 and len(data.std) == 3, "data.mean", "mean and std need 3 values")
 
 
 def check_pretrained(path: str, folder_ok: bool = False) -> None:

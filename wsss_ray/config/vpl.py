@@ -8,7 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wsss_ray.config.base import CLIP_MEAN, CLIP_STD, _f, crf_needed, need
-from wsss_ray.config.common import RayConfig, RunConfig, TrackingConfig, TrainJobConfig
+from wsss_ray.config.common import (
+    RayConfig,
+    RunConfig,
+    TrackingConfig,
+    TrainJobConfig,
+    check_actors_and_norm,
+)
 from wsss_ray.config.seg import InferenceConfig, SegDataConfig
 
 
@@ -134,13 +140,8 @@ class SegTrainDataConfig:
     cpus_per_decode_actor: float = _f(1.0, "logical CPUs per decode actor")
     local_shuffle_buffer: int = _f(0, "iter_torch_batches local shuffle buffer (0 = off)")
 
-    def check(self) -> None:
-        need(
-            len(self.decode_actors) == 2 and 1 <= self.decode_actors[0] <= self.decode_actors[1],
-            "data.decode_actors",
-            "needs (min, max) with 1 <= min <= max",
-        )
-        need(len(self.mean) == 3 and len(self.std) == 3, "data.mean", "mean and std need 3 values")
+    def check(self, use_gpu: bool = False) -> None:
+        check_actors_and_norm(self)
         need(self.crop_size > 0, "data.crop_size", "must be > 0")
         need(
             len(self.scale_range) == 2 and 0 < self.scale_range[0] <= self.scale_range[1],
@@ -209,11 +210,7 @@ class VPLTrainConfig(TrainJobConfig):
     eval: SegValConfig = field(default_factory=SegValConfig)
 
     def check(self) -> None:
-        self.optim.check()
-        self.train.check()
-        self.scaling.check()
-        self.run.check()
-        self.data.check()
+        super().check()
         need(self.phase1.labels.strip() != "", "phase1.labels", "vision | text | a folder")
         labels = pseudo_label_dir(self)
         need(
