@@ -254,7 +254,8 @@ def test_child_runs_close_early_stopped_train_trials_as_finished(tmp_path):
     the early-stop tag; a trial that really failed stays FAILED."""
     from mlflow.tracking import MlflowClient
 
-    from wsss_ray.tune.sweep import PARENT_TAG, TRIAL_TAG, ChildRuns, TrialRow
+    from wsss_ray.tune.runs import ChildRuns, TrialRow
+    from wsss_ray.tune.trials import PARENT_TAG, TRIAL_TAG
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
