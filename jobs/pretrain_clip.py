@@ -9,19 +9,13 @@ from __future__ import annotations
 
 import sys
 
-from wsss_ray.config import ClipPretrainConfig, ConfigError, parse_job_args
-from wsss_ray.train.driver import print_summary, run
+from wsss_ray.config import ClipPretrainConfig, parse_job_args
+from wsss_ray.train.driver import train_job
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_job_args(ClipPretrainConfig, __doc__, argv, default_config="configs/clip/tiny.yaml")
-    try:
-        summary = run(cfg)
-    except ConfigError as err:  # checks that need the model registry or the data
-        print(str(err), file=sys.stderr)
-        return 2
-    print_summary(summary)
-    return 1 if summary.metrics.get("stopped_nonfinite") else 0
+    return train_job(cfg)[0]
 
 
 if __name__ == "__main__":

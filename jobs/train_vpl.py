@@ -16,8 +16,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from wsss_ray.config import ConfigError, VPLTrainConfig, parse_job_args, prototypes_path
-from wsss_ray.train.driver import print_summary, run
+from wsss_ray.config import VPLTrainConfig, parse_job_args, prototypes_path
+from wsss_ray.train.driver import train_job
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,16 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg.clip.weights = str(Path(cfg.clip.weights).resolve())
     if cfg.rsc.weight > 0:
         cfg.phase1.prototypes = str(prototypes_path(cfg).resolve())
-    try:
-        summary = run(cfg)
-    except ConfigError as err:  # checks that need the model registry or the data
-        print(str(err), file=sys.stderr)
-        return 2
-    print_summary(summary)
-    m = summary.metrics
-    if "val/miou" in m:
-        print(f"[wsss_ray] validation mIoU {100 * m['val/miou']:.1f}", flush=True)
-    return 1 if m.get("stopped_nonfinite") else 0
+    rc, summary = train_job(cfg)
+    if summary is not None and "val/miou" in summary.metrics:
+        print(f"[wsss_ray] validation mIoU {100 * summary.metrics['val/miou']:.1f}", flush=True)
+    return rc
 
 
 if __name__ == "__main__":

@@ -80,3 +80,37 @@ def log_eval_outputs(
         [str(folder / "miou.txt"), str(folder / "results.json")],
         {str(folder / "overlays"): "overlays"},
     )
+
+
+def finish_eval(
+    cfg: Any,
+    out: Path,
+    folder: Path,
+    config_file: Path,
+    result: Any,
+    baselines: dict[str, float],
+    done: int,
+    elapsed: float,
+    overlays: dict[str, bytes],
+    line: str,
+) -> dict[str, Any]:
+    """The end every evaluation job shares: metrics (the result's, ``baseline/<name>_miou``,
+    images and images/s), ``miou.txt``, ``results.json``, the overlays, the table and ``line``
+    printed, and the MLflow run (its id and the output folder added to the metrics)."""
+    import json
+
+    metrics = result.metrics()
+    for name, value in baselines.items():
+        metrics[f"baseline/{name}_miou"] = value
+    metrics["images"] = done
+    metrics["images_per_s"] = done / max(elapsed, 1e-9)
+    table = result.table()
+    (folder / "miou.txt").write_text(table + "\n")
+    (folder / "results.json").write_text(json.dumps(metrics, indent=2))
+    write_overlays(folder, overlays)
+    print(table)
+    print(line, flush=True)
+    if cfg.tracking.enabled:
+        metrics["mlflow_run_id"] = log_eval_outputs(cfg, out, folder, config_file, metrics)
+    metrics["output"] = str(folder)
+    return metrics

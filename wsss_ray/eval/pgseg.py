@@ -11,7 +11,6 @@ overlays under ``<output_dir>/<run.name>/``, and logs all of it to MLflow.
 from __future__ import annotations
 
 import io
-import json
 import zlib
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 from wsss_ray.config import PGSegEvalConfig, ZeroShotConfig, save_resolved
-from wsss_ray.eval.collect import collect, log_eval_outputs, pack_rows, write_overlays
+from wsss_ray.eval.collect import collect, finish_eval, pack_rows
 
 KINDS = ("model", "all_background", "random_groups")
 
@@ -198,24 +197,12 @@ def run(cfg: PGSegEvalConfig) -> dict[str, Any]:
 
     results = {k: iou_from_confusion(total[i], source.class_names) for i, k in enumerate(KINDS)}
     model = results["model"]
-    metrics = model.metrics()
-    for k in KINDS[1:]:
-        metrics[f"baseline/{k}_miou"] = results[k].miou
-    metrics["images"] = done
-    metrics["images_per_s"] = done / max(elapsed, 1e-9)
-    table = model.table()
-    (folder / "miou.txt").write_text(table + "\n")
-    (folder / "results.json").write_text(json.dumps(metrics, indent=2))
-    write_overlays(folder, overlays)
-    print(table)
-    print(
+    line = (
         f"[wsss_ray] mIoU {100 * model.miou:.1f} | baselines: all background "
         f"{100 * results['all_background'].miou:.1f}, random group labels "
-        f"{100 * results['random_groups'].miou:.1f} | {done} images in {elapsed:.1f}s",
-        flush=True,
+        f"{100 * results['random_groups'].miou:.1f} | {done} images in {elapsed:.1f}s"
     )
-
-    if cfg.tracking.enabled:
-        metrics["mlflow_run_id"] = log_eval_outputs(cfg, out, folder, config_file, metrics)
-    metrics["output"] = str(folder)
-    return metrics
+    baselines = {k: results[k].miou for k in KINDS[1:]}
+    return finish_eval(
+        cfg, out, folder, config_file, model, baselines, done, elapsed, overlays, line
+    )

@@ -10,7 +10,6 @@ under ``<output_dir>/<run.name>/`` and logs them to MLflow.
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 
 from wsss_ray.config import VPLEvalConfig, save_resolved
-from wsss_ray.eval.collect import collect, log_eval_outputs, pack_rows, write_overlays
+from wsss_ray.eval.collect import collect, finish_eval, pack_rows
 
 
 def load_decoder(checkpoint: str, dense, num_classes: int, dec) -> torch.nn.Module:
@@ -140,24 +139,14 @@ def run(cfg: VPLEvalConfig) -> dict[str, Any]:
 
     result = iou_from_confusion(total, source.class_names)
     floor = iou_from_confusion(_all_background(total))
-    metrics = result.metrics()
-    metrics["baseline/all_background_miou"] = floor.miou
-    metrics["images"] = done
-    metrics["images_per_s"] = done / max(elapsed, 1e-9)
-    table = result.table()
-    (folder / "miou.txt").write_text(table + "\n")
-    (folder / "results.json").write_text(json.dumps(metrics, indent=2))
-    write_overlays(folder, overlays)
-    print(table)
-    print(
+    line = (
         f"[wsss_ray] mIoU {100 * result.miou:.1f} (all background {100 * floor.miou:.1f}) | "
-        f"{done} images in {elapsed:.1f}s",
-        flush=True,
+        f"{done} images in {elapsed:.1f}s"
     )
-    if cfg.tracking.enabled:
-        metrics["mlflow_run_id"] = log_eval_outputs(cfg, out, folder, config_file, metrics)
-    metrics["output"] = str(folder)
-    return metrics
+    baselines = {"all_background": floor.miou}
+    return finish_eval(
+        cfg, out, folder, config_file, result, baselines, done, elapsed, overlays, line
+    )
 
 
 def _all_background(conf: np.ndarray) -> np.ndarray:

@@ -178,3 +178,20 @@ def print_summary(summary: RunSummary) -> None:
         )
     if m.get("stopped_nonfinite"):
         print("[wsss_ray] the run stopped early on non-finite losses", flush=True)
+
+
+def train_job(cfg: TrainJobConfig) -> tuple[int, RunSummary | None]:
+    """What a training job's ``main`` does with its config: run it and print the summary.
+    Returns (exit status: 2 for a driver-side config error, 1 when the run stopped on non-finite
+    losses, else 0; the summary, None on a config error)."""
+    import sys
+
+    from wsss_ray.config import ConfigError
+
+    try:
+        summary = run(cfg)
+    except ConfigError as err:  # checks that need the model registry or the data
+        print(str(err), file=sys.stderr)
+        return 2, None
+    print_summary(summary)
+    return (1 if summary.metrics.get("stopped_nonfinite") else 0), summary
