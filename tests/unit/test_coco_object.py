@@ -105,4 +105,5 @@ def test_prompt_names_reference_and_readable():
     assert prompt_class_names("coco_object", COCO_CLASSES, "reference") == COCO_CLASSES
     shapes = ["background", "circle", "pointy_star"]
     assert prompt_class_names("voc", shapes, "reference")[1] == "circle"
+    assert prompt_class_names("voc", shapes, "reference")[2] == "pointy star"
     assert prompt_class_names("", shapes, "readable")[2] == "pointy star"

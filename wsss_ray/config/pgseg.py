@@ -172,6 +172,10 @@ class PGSegLossConfig:
         "(every non-stop word of 3+ letters: no nltk needed)",
     )
 
+    def check(self) -> None:
+        need(self.multi_label >= 0, "loss.multi_label", "must be >= 0")
+        need(self.noun_tagger in ("nltk", "words"), "loss.noun_tagger", "nltk | words")
+
 
 @dataclass
 class PGSegPretrainConfig(TrainJobConfig):
@@ -192,6 +196,7 @@ class PGSegPretrainConfig(TrainJobConfig):
         self.eval.check()
         check_size_and_act(self.model)
         self.npr.check()
+        self.loss.check()
         check_pretrained(self.model.pretrained, folder_ok=True)
 
 

@@ -40,14 +40,18 @@ COCO_CLASSES = [
 CACHE_VERSION = 2
 
 
-def semantic_mask(coco, image_id: int, cat_to_label: dict[int, int]) -> np.ndarray:
-    """The 0..K mask of one image: annotations painted in file order, crowd regions 255.
-    ``annToMask`` handles polygons, compressed RLE (string counts) and uncompressed RLE."""
+def semantic_mask(
+    coco, image_id: int, cat_to_label: dict[int, int], crowd: int | None = 255
+) -> np.ndarray:
+    """The 0..K mask of one image: annotations painted in file order, crowd regions ``crowd``
+    (255, ignore; None: their class, as COCO-Object). ``annToMask`` handles polygons,
+    compressed RLE (string counts) and uncompressed RLE."""
     info = coco.imgs[image_id]
     out = np.zeros((info["height"], info["width"]), np.uint8)
     for ann in coco.imgToAnns[image_id]:
         m = coco.annToMask(ann).astype(bool)
-        out[m] = 255 if ann.get("iscrowd", 0) else cat_to_label[ann["category_id"]]
+        is_crowd = ann.get("iscrowd", 0) and crowd is not None
+        out[m] = crowd if is_crowd else cat_to_label[ann["category_id"]]
     return out
 
 

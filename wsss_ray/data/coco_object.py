@@ -21,13 +21,12 @@ COCO 2014 reader (``kind: coco``) is a different set: it stays its own kind.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from wsss_ray.data.coco import COCO_CLASSES
+from wsss_ray.data.coco import COCO_CLASSES, _read_json, _write_json, semantic_mask
 from wsss_ray.data.segmentation import SegRecord, SegSource, encode_mask
 
 #: COCO's 80 thing category ids, ascending (ids 12, 26, 29, 30, 45, 66, 68, 69, 71, 83 unused)
@@ -53,17 +52,6 @@ def stuffthing_lut() -> np.ndarray:
 def from_stuffthingmap(mask: np.ndarray) -> np.ndarray:
     """COCO-Object labels of one stuffthingmaps PNG (as ``convert_coco_object.py``)."""
     return stuffthing_lut()[mask]
-
-
-def instances_mask(coco, image_id: int) -> np.ndarray:
-    """COCO-Object labels of one image from the instances json: every thing annotation, crowd
-    included, painted with its class in file order; the rest is background."""
-    cat_to_label = {cat: i for i, cat in enumerate(THING_IDS, start=1)}
-    info = coco.imgs[image_id]
-    out = np.zeros((info["height"], info["width"]), np.uint8)
-    for ann in coco.imgToAnns[image_id]:
-        out[coco.annToMask(ann).astype(bool)] = cat_to_label[ann["category_id"]]
-    return out
 
 
 def _first_dir(*candidates: Path) -> Path | None:
@@ -154,14 +142,14 @@ def _convert(source: str, origin: Path, images: Path, cache: Path, started: dict
         from pycocotools.coco import COCO
 
         coco = COCO(str(origin))
+        cat_to_label = {cat: i for i, cat in enumerate(THING_IDS, start=1)}
         for image_id in tqdm(sorted(coco.imgs), desc=f"COCO-Object masks -> {cache}", unit="img"):
             file_name = coco.imgs[image_id]["file_name"]
-            _write(cache, Path(file_name).stem, instances_mask(coco, image_id))
+            mask = semantic_mask(coco, image_id, cat_to_label, crowd=None)  # crowd keeps its class
+            _write(cache, Path(file_name).stem, mask)
             files.append(file_name)
     index = {**started, "files": files}
-    tmp = cache / ".DONE.json.tmp"
-    tmp.write_text(json.dumps(index))
-    os.replace(tmp, cache / "DONE.json")
+    _write_json(cache / "DONE.json", index)
     return index
 
 
@@ -169,10 +157,3 @@ def _write(cache: Path, stem: str, mask: np.ndarray) -> None:
     tmp = cache / f".{stem}.png.tmp"
     tmp.write_bytes(encode_mask(mask.astype(np.uint8)))
     os.replace(tmp, cache / f"{stem}.png")
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None

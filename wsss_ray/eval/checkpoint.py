@@ -53,8 +53,9 @@ def load_state_dict(path: str, prefix: str = "model.") -> dict[str, torch.Tensor
         raise FileNotFoundError(f"checkpoint not found: {path}")
     path = latest_checkpoint(path)
     if os.path.isfile(path):
-        raw = torch.load(path, map_location="cpu", weights_only=False)
-        state = raw.get("model", raw.get("state_dict", raw)) if isinstance(raw, dict) else raw
+        from wsss_ray.models.pgseg import read_checkpoint_file
+
+        state = read_checkpoint_file(path)
     else:
         state = _deepspeed_state(path)
     out = {}

@@ -50,12 +50,10 @@ REFERENCE_RENAMES = {
 def prompt_class_names(dataset: str, class_names: list[str], mode: str = "reference") -> list[str]:
     """The names the prompts use for ``class_names`` of ``dataset`` (voc | context | coco |
     coco_object | anything else): the reference's spellings (``reference``) or readable ones
-    (``readable``: dining table, potted plant, tv monitor). Lists other than the official ones
-    (the synthetic world, a custom ``class_names.txt``) get the readable rule."""
-    renames = REFERENCE_RENAMES.get(dataset) if mode == "reference" else None
-    if renames is not None:
-        return [renames.get(n, n) for n in class_names]
-    return [PROMPT_NAMES.get(n, n.replace("_", " ")) for n in class_names]
+    (``readable``: dining table, potted plant, tv monitor). Any other name (the synthetic world,
+    a custom ``class_names.txt``) is used as it is, underscores as spaces."""
+    table = REFERENCE_RENAMES.get(dataset, {}) if mode == "reference" else PROMPT_NAMES
+    return [table.get(n, n.replace("_", " ")) for n in class_names]
 
 
 def chain_assignments(stages: list[dict]) -> torch.Tensor:

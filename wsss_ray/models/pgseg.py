@@ -311,16 +311,16 @@ def read_checkpoint_file(path: str) -> dict[str, torch.Tensor]:
 
 
 def load_groupvit_checkpoint(
-    model: PGSeg, path_or_state: str | dict, allow_partial: bool = False
+    model: PGSeg, path_or_state: str | dict, allow_partial: bool = False, source: str = ""
 ) -> dict[str, list[str]]:
     """Load a released GroupViT / PGSeg checkpoint (file or state dict; ``module.`` prefixes,
     Conv1d projector weights, 0-d scales and PGSeg's NPR names are mapped) into ``model``.
     Returns the report ``{loaded, missing, unexpected, mismatched, ignored}``; anything missing,
     unexpected or mismatched raises :class:`PartialCheckpointError` naming the first keys, unless
     ``allow_partial`` (``model.allow_partial_init``: e.g. PGSeg's start from GroupViT weights,
-    whose NPR modules do not exist yet)."""
+    whose NPR modules do not exist yet); ``source`` names a given state dict in the error."""
     if isinstance(path_or_state, dict):
-        state, source = path_or_state, "state dict"
+        state, source = path_or_state, source or "state dict"
     else:
         if not os.path.isfile(path_or_state):
             raise FileNotFoundError(f"checkpoint not found: {path_or_state}")
@@ -349,11 +349,9 @@ def pgseg_for_state(size: str, state: dict[str, torch.Tensor], text_act: str) ->
     npr = any(".recon." in k for k in keys)
     recon = "reference" if any(".recon.linear_out." in k for k in keys) else "mlp"
     text_mode = "none"
-    if "text_em.mu0" in keys:
-        value = state.get("text_em.mu0", state.get("text_encoder.Atten.mu"))
-        if value is None:
-            value = next(v for k, v in state.items() if _reference_to_own(k) == "text_em.mu0")
-        text_mode = "reference" if value.shape[-1] == 1 else "tokens"
+    mu = [v for k, v in zip(keys, state.values(), strict=True) if k == "text_em.mu0"]
+    if mu:  # the reference's 1-d text prototypes, or ours over the token features
+        text_mode = "reference" if mu[0].shape[-1] == 1 else "tokens"
     return PGSeg(
         size,
         npr_enabled=npr,
@@ -400,9 +398,7 @@ def export_reference_state(model: PGSeg) -> dict[str, torch.Tensor]:
                 "export: npr.reconstruction=mlp has no counterpart in the reference layout "
                 "(train with npr.reconstruction=reference, or npr.enabled=false for GroupViT's)"
             )
-        if key.endswith(".em.mu0"):
-            if not any(k.endswith(".recon.linear_out.weight") for k in model.state_dict()):
-                continue  # no NPR: GroupViT's layout has no prototypes
+        if key.endswith(".em.mu0"):  # only with NPR, whose mapping_x it goes with
             key, value = key.replace(".em.mu0", ".downsample_spatial.mu"), value.unsqueeze(0)
         key = key.replace(".recon.", ".downsample_spatial.mapping_x.")
         if key == "text_em.mu0":

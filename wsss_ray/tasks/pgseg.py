@@ -57,14 +57,11 @@ def build_pgseg(cfg: PGSegPretrainConfig) -> PGSeg:
 
 def load_pretrained(model: PGSeg, source: str, allow_partial: bool) -> dict[str, list[str]]:
     """``model.pretrained``: a released GroupViT/PGSeg file, or one of our run folders,
-    checkpoint folders or .pt files (read by ``wsss_ray.eval.checkpoint``)."""
-    import os
+    checkpoint folders or .pt files (read by ``wsss_ray.eval.checkpoint``, ZeRO shards merged)."""
+    from wsss_ray.eval.checkpoint import load_state_dict
 
-    if os.path.isfile(source):
-        return load_groupvit_checkpoint(model, source, allow_partial)
-    from wsss_ray.eval.checkpoint import load_state_dict  # ZeRO shards, run folders
-
-    return load_groupvit_checkpoint(model, load_state_dict(source), allow_partial)
+    state = load_state_dict(source)
+    return load_groupvit_checkpoint(model, state, allow_partial, source=source)
 
 
 class PGSegTask(Task):
@@ -198,12 +195,6 @@ def check_config(cfg: PGSegPretrainConfig) -> None:
             f"config error: data.image_size: PGSeg {cfg.model.size} takes "
             f"{want}px inputs, got {cfg.data.image_size}"
         )
-    if cfg.npr.text_mode not in ("tokens", "reference", "none"):
-        raise ConfigError("config error: npr.text_mode: tokens | reference | none")
-    if cfg.loss.multi_label < 0:
-        raise ConfigError("config error: loss.multi_label: must be >= 0")
-    if cfg.loss.noun_tagger not in ("nltk", "words"):
-        raise ConfigError("config error: loss.noun_tagger: nltk | words")
     if cfg.loss.multi_label and cfg.loss.noun_tagger == "nltk":
         from wsss_ray.data.nouns import nltk_ready
 

@@ -65,14 +65,13 @@ class TaskSpec:
     job: str = ""
     #: Ray Tune sweeps may name it as their ``method`` (trials are Ray Train runs)
     sweep: bool = False
-    extra: dict[str, Hook] = field(default_factory=dict)
 
     def hook(self, name: str) -> Callable[..., Any]:
         """The named hook as a callable (a no-op for an unset optional one)."""
-        return resolve(getattr(self, name, None) or self.extra.get(name)) or _none
+        return resolve(getattr(self, name)) or _none
 
     def has(self, name: str) -> bool:
-        return bool(getattr(self, name, None) or self.extra.get(name))
+        return getattr(self, name) is not None
 
 
 @dataclass
