@@ -47,40 +47,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="synthetic generator seed")
     p.add_argument("--image-size", type=int, default=128, help="synthetic image side")
     a = p.parse_args(argv)
+    if a.segmentation and not a.root:
+        p.error("--segmentation needs --root")
+    try:
+        print(_write(a))
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
+
+def _write(a: argparse.Namespace) -> str:
+    """Write the shards the arguments ask for; returns the summary line."""
     if a.synthetic is not None:
         from wsss_ray.data.synthetic import write_webdataset
 
         paths = write_webdataset(a.out, a.synthetic, a.seed, a.image_size, a.samples_per_shard)
-        print(f"wrote {a.synthetic} synthetic samples in {len(paths)} shards to {a.out}")
-        return 0
+        return f"wrote {a.synthetic} synthetic samples in {len(paths)} shards to {a.out}"
     if a.segmentation:
         from wsss_ray.data.segmentation import open_source, write_segmentation_shards
 
-        if not a.root:
-            p.error("--segmentation needs --root")
-        try:
-            source = open_source(a.segmentation, a.root, a.split)
-        except (OSError, ValueError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        source = open_source(a.segmentation, a.root, a.split)
         paths = write_segmentation_shards(source, a.out, a.samples_per_shard, a.prefix)
-        print(
+        return (
             f"wrote {len(source.records)} {a.segmentation} {a.split} samples in {len(paths)} "
             f"shards to {a.out}"
         )
-        return 0
     if a.folder:
         pairs = pairs_from_folder(a.folder)
     else:
-        try:
-            pairs = pairs_from_table(a.table, a.image_col, a.caption_col)
-        except (OSError, ValueError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    summary = write_shards(pairs, a.out, a.prefix, a.samples_per_shard)
-    print(summary)
-    return 0
+        pairs = pairs_from_table(a.table, a.image_col, a.caption_col)
+    return str(write_shards(pairs, a.out, a.prefix, a.samples_per_shard))
 
 
 if __name__ == "__main__":

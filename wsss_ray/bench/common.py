@@ -397,3 +397,14 @@ def stat_row(label: str, stat: Stat, digits: int = 3) -> list[str]:
 
 def say(msg: str) -> None:
     print(f"[bench] {msg}", flush=True)
+
+
+def start_bench_ray(cpus: int) -> None:
+    """An embedded Ray of ``cpus`` + 1 logical CPUs (the measured actors plus one read task),
+    with Ray Data's progress bars and INFO lines off so they do not interleave with the log."""
+    import logging
+
+    from wsss_ray.runtime import start_ray
+
+    start_ray(cpus + 1, cpus + 1)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)

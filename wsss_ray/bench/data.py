@@ -27,7 +27,6 @@ are the synthetic shapes world written as real WebDataset tars by
 
 from __future__ import annotations
 
-import logging
 import tarfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,6 +43,7 @@ from wsss_ray.bench.common import (
     paired_ratio,
     rate_cells,
     say,
+    start_bench_ray,
     stat_row,
 )
 
@@ -293,17 +293,11 @@ def ceiling_pass(raw: list[tuple[bytes, bytes]], cfg: DataBenchConfig) -> dict[s
 
 # -------------------------------------------------------------------------------------- run
 def run(cfg: DataBenchConfig, out: str | None = None) -> Report:
-    from ray.data import DataContext
-
-    from wsss_ray.runtime import start_ray
-
     report = Report("data", asdict(cfg))
     paths = make_shards(cfg)
     raw = load_raw(paths, cfg.ceiling_images)
     # the actors, one read task at a time, and nothing else: the same CPUs as the DataLoader
-    start_ray(cfg.cpus + 1, cfg.cpus + 1)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    DataContext.get_current().enable_progress_bars = False
+    start_bench_ray(cfg.cpus)
     say(
         f"{len(paths)} shards, crop {cfg.image_size}, {cfg.cpus} CPUs; "
         f"{cfg.warmup} warm-up + {cfg.repeats} interleaved rounds (ceiling, plain, ours, "

@@ -20,8 +20,6 @@ time to the first batch).
 
 from __future__ import annotations
 
-import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +36,7 @@ from wsss_ray.bench.common import (
     paired_ratio,
     rate_cells,
     say,
+    start_bench_ray,
     stat_row,
 )
 
@@ -171,17 +170,10 @@ def ours_pass(actor: tuple[type, tuple], source, cfg: EvalBenchConfig) -> dict[s
 
 
 def run(cfg: EvalBenchConfig, out: str | None = None) -> Report:
-    from ray.data import DataContext
-
-    from wsss_ray.runtime import start_ray
-
     report = Report("eval", asdict(cfg))
     source = _source(cfg)
     batches = _row_batches(source, cfg.batch)
-    start_ray(cfg.cpus + 1, cfg.cpus + 1)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    DataContext.get_current().enable_progress_bars = False
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    start_bench_ray(cfg.cpus)
     builders = {"zero_shot": _zero_shot_actor, "pseudo_labels": _pseudo_label_actor}
     labels = {
         "zero_shot": f"zero-shot segmentation (PGSeg {cfg.size}, {cfg.short_side}px)",

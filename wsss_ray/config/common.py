@@ -6,7 +6,6 @@ from __future__ import annotations
 import glob
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
 from omegaconf import MISSING
 
@@ -22,13 +21,9 @@ class SyntheticDataConfig:
 
 
 @dataclass
-class DataConfig:
-    train_shards: list[str] = _f(
-        [], "WebDataset tar files, directories of tars or globs; empty = generate synthetic shards"
-    )
-    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
-    image_size: int = _f(224, "training crop side")
-    crop_scale: list[float] = _f([0.08, 1.0], "RandomResizedCrop area range")
+class DecodeConfig:
+    """The augmentation and decode-actor keys of every training data section."""
+
     hflip: bool = _f(True, "random horizontal flip")
     mean: list[float] = _f(CLIP_MEAN, "normalisation mean (RGB)")
     std: list[float] = _f(CLIP_STD, "normalisation std (RGB)")
@@ -36,6 +31,26 @@ class DataConfig:
     decode_actors: list[int] = _f([1, 2], "decode actor pool size (min, max)")
     cpus_per_decode_actor: float = _f(1.0, "logical CPUs per decode actor")
     local_shuffle_buffer: int = _f(0, "iter_torch_batches local shuffle buffer (0 = off)")
+
+    def check_decode(self) -> None:
+        """``decode_actors`` and ``mean/std``."""
+        actors = self.decode_actors
+        need(
+            len(actors) == 2 and 1 <= actors[0] <= actors[1],
+            "data.decode_actors",
+            "needs (min, max) with 1 <= min <= max",
+        )
+        need(len(self.mean) == 3 and len(self.std) == 3, "data.mean", "mean and std need 3 values")
+
+
+@dataclass
+class DataConfig(DecodeConfig):
+    train_shards: list[str] = _f(
+        [], "WebDataset tar files, directories of tars or globs; empty = generate synthetic shards"
+    )
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    image_size: int = _f(224, "training crop side")
+    crop_scale: list[float] = _f([0.08, 1.0], "RandomResizedCrop area range")
     decode_device: str = _f(
         "cpu", "cpu (decode actors decode) | cuda (actors parse, train workers decode on GPU)"
     )
@@ -51,7 +66,7 @@ class DataConfig:
     )
 
     def check(self, use_gpu: bool) -> None:
-        check_actors_and_norm(self)
+        self.check_decode()
         need(self.decode_device in ("cpu", "cuda"), "data.decode_device", "cpu | cuda")
         need(self.reader in ("fused", "read_webdataset"), "data.reader", "fused | read_webdataset")
         need(self.passes_per_execution >= 1, "data.passes_per_execution", "must be >= 1")
@@ -205,17 +220,6 @@ class ClipPretrainConfig(TrainJobConfig):
     def check(self) -> None:
         super().check()
         check_pretrained(self.model.pretrained)
-
-
-def check_actors_and_norm(data: DataConfig | Any) -> None:
-    """``data.decode_actors`` and ``data.mean/std`` of any training data section."""
-    actors = data.decode_actors
-    need(
-        len(actors) == 2 and 1 <= actors[0] <= actors[1],
-        "data.decode_actors",
-        "needs (min, max) with 1 <= min <= max",
-    )
-    need(len(data.mean) == 3 and len(data.std) == 3, "data.mean", "mean and std need 3 values")
 
 
 def check_pretrained(path: str, folder_ok: bool = False) -> None:

@@ -7,13 +7,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wsss_ray.config.base import CLIP_MEAN, CLIP_STD, _f, crf_needed, need
+from wsss_ray.config.base import _f, crf_needed, need
 from wsss_ray.config.common import (
+    DecodeConfig,
     RayConfig,
     RunConfig,
     TrackingConfig,
     TrainJobConfig,
-    check_actors_and_norm,
 )
 from wsss_ray.config.seg import InferenceConfig, SegDataConfig
 
@@ -126,22 +126,16 @@ class VPLConfig:
 
 
 @dataclass
-class SegTrainDataConfig:
+class SegTrainDataConfig(DecodeConfig):
     """Images of a segmentation split with phase-1 pseudo-labels, augmented for training."""
 
     seg: SegDataConfig = field(default_factory=lambda: SegDataConfig(split="train_aug"))
     crop_size: int = _f(320, "training crop side (a multiple of the CLIP patch size)")
     scale_range: list[float] = _f([0.5, 2.0], "random rescale range before the crop")
-    hflip: bool = _f(True, "random horizontal flip")
-    mean: list[float] = _f(CLIP_MEAN, "normalisation mean (RGB)")
-    std: list[float] = _f(CLIP_STD, "normalisation std (RGB)")
     decode_batch_size: int = _f(16, "rows per map_batches call of the decode actors")
-    decode_actors: list[int] = _f([1, 2], "decode actor pool size (min, max)")
-    cpus_per_decode_actor: float = _f(1.0, "logical CPUs per decode actor")
-    local_shuffle_buffer: int = _f(0, "iter_torch_batches local shuffle buffer (0 = off)")
 
     def check(self, use_gpu: bool = False) -> None:
-        check_actors_and_norm(self)
+        self.check_decode()
         need(self.crop_size > 0, "data.crop_size", "must be > 0")
         need(
             len(self.scale_range) == 2 and 0 < self.scale_range[0] <= self.scale_range[1],

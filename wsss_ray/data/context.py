@@ -8,13 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wsss_ray.data.segmentation import (
-    SegRecord,
-    SegSource,
-    class_names_override,
-    read_split,
-    require_files,
-)
+from wsss_ray.data.segmentation import SegSource, voc_style_source
 
 CONTEXT_CLASSES = [
     "background", "aeroplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat",
@@ -29,17 +23,13 @@ CONTEXT_CLASSES = [
 
 def context_source(root: str | Path, split: str = "val") -> SegSource:
     """Pascal Context ``split`` (``train`` | ``val``) under the converted ``VOC2010`` folder."""
-    root = Path(root)
-    mask_dir = root / "SegmentationClassContext"
-    for folder in (root / "JPEGImages", mask_dir):
-        if not folder.is_dir():
-            raise FileNotFoundError(f"Pascal Context folder not found: {folder}")
-    names = read_split(root / "ImageSets" / "SegmentationContext" / f"{split}.txt")
-    records = [
-        SegRecord(n, str(root / "JPEGImages" / f"{n}.jpg"), str(mask_dir / f"{n}.png"))
-        for n in names
-    ]
-    require_files(records, f"Pascal Context {split}")
-    return SegSource(
-        "context", split, class_names_override(root, CONTEXT_CLASSES), records, bg_thresh=0.36
+    return voc_style_source(
+        "context",
+        Path(root),
+        split,
+        "SegmentationClassContext",
+        "SegmentationContext",
+        CONTEXT_CLASSES,
+        0.36,
+        "Pascal Context",
     )

@@ -111,6 +111,33 @@ def require_files(records: list[SegRecord], dataset: str) -> None:
                 raise FileNotFoundError(f"{dataset}: {r.id} is listed but {path} is missing")
 
 
+def voc_style_source(
+    name: str,
+    root: Path,
+    split: str,
+    mask_folder: str,
+    image_sets: str,
+    default_classes: list[str],
+    bg_thresh: float,
+    label: str,
+) -> SegSource:
+    """A split in the VOC layout under ``root``: ``JPEGImages/<id>.jpg``, ``<mask_folder>/<id>.png``
+    and the ids in ``ImageSets/<image_sets>/<split>.txt``; ``label`` names the dataset in errors.
+    Raises FileNotFoundError naming the first missing folder, split file, image or mask."""
+    mask_dir = root / mask_folder
+    for folder in (root / "JPEGImages", mask_dir):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{label} folder not found: {folder}")
+    names = read_split(root / "ImageSets" / image_sets / f"{split}.txt")
+    records = [
+        SegRecord(n, str(root / "JPEGImages" / f"{n}.jpg"), str(mask_dir / f"{n}.png"))
+        for n in names
+    ]
+    require_files(records, f"{label} {split}")
+    classes = class_names_override(root, default_classes)
+    return SegSource(name, split, classes, records, bg_thresh=bg_thresh)
+
+
 def open_source(kind: str, root: str | Path, split: str, **kwargs) -> SegSource:
     """The reader for ``kind`` (voc | coco | coco_object | context) on ``root``; ``kwargs`` go to
     it (VOC: ``aug``, COCO: ``cache_dir``, COCO-Object: ``source``, ``cache_dir``). Raises

@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -267,13 +267,15 @@ def write_webdataset(
     return sink.paths
 
 
-def _settings_match(folder: Path, settings: dict) -> bool:
+def _write_once(folder: Path, write: Callable[[], object], **params: int) -> None:
+    """Call ``write`` unless ``folder/SETTINGS.json`` records the same generator version and
+    ``params``; record them after it succeeds (so an interrupted write is redone)."""
+    settings = {"version": GENERATOR_VERSION, **params}
     stamp = folder / "SETTINGS.json"
-    return stamp.exists() and json.loads(stamp.read_text()) == settings
-
-
-def _stamp(folder: Path, settings: dict) -> None:
-    (folder / "SETTINGS.json").write_text(json.dumps(settings))
+    if stamp.exists() and json.loads(stamp.read_text()) == settings:
+        return
+    write()
+    stamp.write_text(json.dumps(settings))
 
 
 def ensure_synthetic_shards(
@@ -281,20 +283,21 @@ def ensure_synthetic_shards(
 ) -> list[str]:
     """Write the synthetic shards once; reuse them when the same settings exist already."""
     out_dir = Path(out_dir)
-    settings = {
-        "version": GENERATOR_VERSION,
-        "num_images": num_images,
-        "seed": seed,
-        "size": size,
-        "samples_per_shard": samples_per_shard,
-    }
-    if _settings_match(out_dir, settings):
-        return sorted(str(p) for p in out_dir.glob("*.tar"))
-    for old in out_dir.glob("*.tar"):
-        old.unlink()
-    paths = write_webdataset(out_dir, num_images, seed, size, samples_per_shard)
-    _stamp(out_dir, settings)
-    return paths
+
+    def write() -> None:
+        for old in out_dir.glob("*.tar"):
+            old.unlink()
+        write_webdataset(out_dir, num_images, seed, size, samples_per_shard)
+
+    _write_once(
+        out_dir,
+        write,
+        num_images=num_images,
+        seed=seed,
+        size=size,
+        samples_per_shard=samples_per_shard,
+    )
+    return sorted(str(p) for p in out_dir.glob("*.tar"))
 
 
 def ensure_synthetic_voc(
@@ -302,16 +305,14 @@ def ensure_synthetic_voc(
 ) -> Path:
     """Write the synthetic VOC2012 layout once; reuse it when the same settings exist."""
     root = Path(root)
-    settings = {
-        "version": GENERATOR_VERSION,
-        "num_train": num_train,
-        "num_val": num_val,
-        "seed": seed,
-        "size": size,
-    }
-    if not _settings_match(root, settings):
-        write_voc(root, num_train, num_val, seed, size)
-        _stamp(root, settings)
+    _write_once(
+        root,
+        lambda: write_voc(root, num_train, num_val, seed, size),
+        num_train=num_train,
+        num_val=num_val,
+        seed=seed,
+        size=size,
+    )
     return root
 
 

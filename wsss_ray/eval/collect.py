@@ -10,6 +10,7 @@ are few), so the driver never holds per-image predictions.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,57 @@ def pack_rows(
         "overlay_id": np.array((overlay_ids + [""] * n)[:n], dtype=object),
         "overlay": np.array((overlay_pngs + [b""] * n)[:n], dtype=object),
     }
+
+
+@dataclass
+class EvalRun:
+    """What an evaluation job opens before Ray starts: its output folders, the resolved config
+    it saved, the split to score and the ids whose overlays it keeps."""
+
+    out: Path
+    folder: Path
+    config_file: Path
+    source: Any  # SegSource
+    overlay_ids: list[str]
+
+
+def open_eval(cfg: Any) -> EvalRun:
+    """Create ``<output_dir>/<run.name>``, save the resolved config there, resolve ``cfg.data``
+    (ValueError when the split is empty) and pick ``cfg.num_overlays`` evenly spaced ids."""
+    from wsss_ray.config import save_resolved
+    from wsss_ray.eval.datasets import resolve_source
+
+    out = Path(cfg.run.output_dir).resolve()
+    folder = out / cfg.run.name
+    folder.mkdir(parents=True, exist_ok=True)
+    config_file = save_resolved(cfg, folder)
+    source = resolve_source(cfg.data, out)
+    if not source.records:
+        raise ValueError(f"{cfg.data.kind} split '{cfg.data.split}' has no images")
+    step = max(1, len(source.records) // max(cfg.num_overlays, 1))
+    overlay_ids = [r.id for r in source.records[::step][: cfg.num_overlays]]
+    return EvalRun(out, folder, config_file, source, overlay_ids)
+
+
+def predicted(source: Any, predictor: type, args: tuple, inf: Any, ray_cpus: int) -> Any:
+    """Start Ray (``ray_cpus`` logical CPUs when embedded, 0 = the machine's) and stream the
+    split through an actor pool of ``predictor(*args)`` sized by ``inf`` (an InferConfig)."""
+    import ray
+
+    from wsss_ray.data.segmentation import segmentation_dataset
+    from wsss_ray.runtime import cluster_has_gpus, start_ray
+
+    start_ray(inf.actors[1] * inf.cpus_per_actor + 1, ray_cpus)
+    gpus = inf.gpus_per_actor if inf.gpus_per_actor >= 0 else float(cluster_has_gpus())
+    return segmentation_dataset(source).map_batches(
+        predictor,
+        fn_constructor_args=args,
+        batch_size=inf.batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=inf.actors[0], max_size=inf.actors[1]),
+        num_cpus=inf.cpus_per_actor,
+        num_gpus=gpus,
+        batch_format="numpy",
+    )
 
 
 def collect(ds: Any, num_images: int, shape: tuple[int, ...], label: str = "eval"):
@@ -63,19 +115,18 @@ def write_overlays(folder: Path, overlays: dict[str, bytes], name: str = "overla
     return path
 
 
-def log_eval_outputs(
-    cfg: Any, out: Path, folder: Path, config_file: Path, metrics: dict[str, float]
-) -> str:
+def log_eval_outputs(cfg: Any, run: EvalRun, metrics: dict[str, float]) -> str:
     """The MLflow run of an evaluation job: metrics, ``miou.txt``, ``results.json`` and the
     ``overlays/`` folder it wrote. Returns the run id."""
     from wsss_ray.tracking import log_job_run
 
+    folder = run.folder
     return log_job_run(
         cfg,
-        str(out),
+        str(run.out),
         str(folder),
         cfg.run.name,
-        str(config_file),
+        str(run.config_file),
         metrics,
         [str(folder / "miou.txt"), str(folder / "results.json")],
         {str(folder / "overlays"): "overlays"},
@@ -84,9 +135,7 @@ def log_eval_outputs(
 
 def finish_eval(
     cfg: Any,
-    out: Path,
-    folder: Path,
-    config_file: Path,
+    run: EvalRun,
     result: Any,
     baselines: dict[str, float],
     done: int,
@@ -99,6 +148,7 @@ def finish_eval(
     printed, and the MLflow run (its id and the output folder added to the metrics)."""
     import json
 
+    folder = run.folder
     metrics = result.metrics()
     for name, value in baselines.items():
         metrics[f"baseline/{name}_miou"] = value
@@ -111,6 +161,6 @@ def finish_eval(
     print(table)
     print(line, flush=True)
     if cfg.tracking.enabled:
-        metrics["mlflow_run_id"] = log_eval_outputs(cfg, out, folder, config_file, metrics)
+        metrics["mlflow_run_id"] = log_eval_outputs(cfg, run, metrics)
     metrics["output"] = str(folder)
     return metrics

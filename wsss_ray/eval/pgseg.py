@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsss_ray.config import PGSegEvalConfig, ZeroShotConfig, save_resolved
-from wsss_ray.eval.collect import collect, finish_eval, pack_rows
+from wsss_ray.config import PGSegEvalConfig, ZeroShotConfig
+from wsss_ray.eval.collect import collect, finish_eval, open_eval, pack_rows, predicted
 
 KINDS = ("model", "all_background", "random_groups")
 
@@ -141,23 +141,13 @@ class ZeroShotPredictor:
 
 def run(cfg: PGSegEvalConfig) -> dict[str, Any]:
     """Evaluate; returns the metrics (model mIoU, per-class IoU, baselines)."""
-    import ray
 
-    from wsss_ray.eval.datasets import resolve_source
     from wsss_ray.eval.miou import iou_from_confusion
-    from wsss_ray.runtime import cluster_has_gpus, start_ray
 
-    out = Path(cfg.run.output_dir).resolve()
-    folder = out / cfg.run.name
-    folder.mkdir(parents=True, exist_ok=True)
-    config_file = save_resolved(cfg, folder)
-    source = resolve_source(cfg.data, out)
-    if not source.records:
-        raise ValueError(f"{cfg.data.kind} split '{cfg.data.split}' has no images")
+    run = open_eval(cfg)
+    source, overlay_ids = run.source, run.overlay_ids
     bg = cfg.zero_shot.bg_thresh if cfg.zero_shot.bg_thresh >= 0 else source.bg_thresh
     n_img = len(source.records)
-    step = max(1, n_img // max(cfg.num_overlays, 1))
-    overlay_ids = [r.id for r in source.records[::step][: cfg.num_overlays]]
     print(
         f"[wsss_ray] zero-shot {source.name} {source.split}: {n_img} images, "
         f"{len(source.class_names)} classes, bg_thresh {bg}, checkpoint "
@@ -168,30 +158,18 @@ def run(cfg: PGSegEvalConfig) -> dict[str, Any]:
     checkpoint = cfg.model.checkpoint and str(Path(cfg.model.checkpoint).resolve())
     if checkpoint:  # a checkpoint that does not fit fails here, before Ray starts
         build_model(cfg.model.size, checkpoint, cfg.model.text_act)
-    inf = cfg.infer
-    start_ray(inf.actors[1] * inf.cpus_per_actor + 1, cfg.ray.num_cpus)
-    from wsss_ray.data.segmentation import segmentation_dataset
-
-    gpus = inf.gpus_per_actor if inf.gpus_per_actor >= 0 else float(cluster_has_gpus())
-    ds = segmentation_dataset(source).map_batches(
-        ZeroShotPredictor,
-        fn_constructor_args=(
-            cfg.model.size,
-            checkpoint,
-            source.class_names,
-            cfg.zero_shot,
-            bg,
-            overlay_ids,
-            cfg.seed,
-            cfg.model.text_act,
-            source.name,
-        ),
-        batch_size=inf.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=inf.actors[0], max_size=inf.actors[1]),
-        num_cpus=inf.cpus_per_actor,
-        num_gpus=gpus,
-        batch_format="numpy",
+    args = (
+        cfg.model.size,
+        checkpoint,
+        source.class_names,
+        cfg.zero_shot,
+        bg,
+        overlay_ids,
+        cfg.seed,
+        cfg.model.text_act,
+        source.name,
     )
+    ds = predicted(source, ZeroShotPredictor, args, cfg.infer, cfg.ray.num_cpus)
     c = len(source.class_names)
     total, done, overlays, elapsed = collect(ds, n_img, (len(KINDS), c, c))
 
@@ -203,6 +181,4 @@ def run(cfg: PGSegEvalConfig) -> dict[str, Any]:
         f"{100 * results['random_groups'].miou:.1f} | {done} images in {elapsed:.1f}s"
     )
     baselines = {k: results[k].miou for k in KINDS[1:]}
-    return finish_eval(
-        cfg, out, folder, config_file, model, baselines, done, elapsed, overlays, line
-    )
+    return finish_eval(cfg, run, model, baselines, done, elapsed, overlays, line)

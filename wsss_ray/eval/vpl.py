@@ -235,22 +235,39 @@ def run_prototypes(cfg: VPLConfig) -> dict[str, Any]:
         f" vs {100 * acc['vision_given_labels']:.1f}) | {folder / 'prototypes.pt'}",
         flush=True,
     )
+    series = [
+        {"proto/objective_iter": o, "proto/grad_norm_iter": g} for o, g in zip(objective, grad_norm)
+    ]
+    files = [folder / "prototypes.pt", folder / "prototypes.json"]
+    _track(cfg, out, config_file, "prototypes", metrics, files, series=series)
+    metrics["output"] = str(folder)
+    return metrics
+
+
+def _track(
+    cfg: VPLConfig,
+    out: Path,
+    config_file: Path,
+    suffix: str,
+    metrics: dict[str, Any],
+    files: list[Path],
+    folders: dict[str, str] | None = None,
+    series: list[dict[str, float]] | None = None,
+) -> None:
+    """The MLflow run ``<run.name>_<suffix>`` of a VPL step (when tracking is on); its id goes
+    into ``metrics``."""
     if cfg.tracking.enabled:
         metrics["mlflow_run_id"] = log_job_run(
             cfg,
             str(out),
-            str(folder),
-            f"{cfg.run.name}_prototypes",
+            str(out / cfg.run.name),
+            f"{cfg.run.name}_{suffix}",
             str(config_file),
             metrics,
-            [str(folder / "prototypes.pt"), str(folder / "prototypes.json")],
-            series=[
-                {"proto/objective_iter": o, "proto/grad_norm_iter": g}
-                for o, g in zip(objective, grad_norm)
-            ],
+            [str(p) for p in files],
+            folders,
+            series,
         )
-    metrics["output"] = str(folder)
-    return metrics
 
 
 # ----------------------------------------------------------------------------- pseudo-labels
@@ -413,17 +430,9 @@ def run_pseudo_labels(cfg: VPLConfig) -> dict[str, Any]:
         f"images in {elapsed:.1f}s",
         flush=True,
     )
-    if cfg.tracking.enabled:
-        metrics["mlflow_run_id"] = log_job_run(
-            cfg,
-            str(out),
-            str(folder),
-            f"{cfg.run.name}_pseudo_{mode}",
-            str(config_file),
-            metrics,
-            [str(folder / f"seed_miou_{mode}.txt"), str(folder / f"results_{mode}.json")],
-            {str(folder / f"overlays_{mode}"): f"overlays_{mode}"},
-        )
+    files = [folder / f"seed_miou_{mode}.txt", folder / f"results_{mode}.json"]
+    folders = {str(folder / f"overlays_{mode}"): f"overlays_{mode}"}
+    _track(cfg, out, config_file, f"pseudo_{mode}", metrics, files, folders)
     metrics["output"] = str(folder)
     metrics["labels_dir"] = str(label_dir)
     return metrics

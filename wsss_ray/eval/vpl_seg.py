@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsss_ray.config import VPLEvalConfig, save_resolved
-from wsss_ray.eval.collect import collect, finish_eval, pack_rows
+from wsss_ray.config import VPLEvalConfig
+from wsss_ray.eval.collect import collect, finish_eval, open_eval, pack_rows, predicted
 
 
 def load_decoder(checkpoint: str, dense, num_classes: int, dec) -> torch.nn.Module:
@@ -95,25 +95,14 @@ class SegPredictor:
 
 def run(cfg: VPLEvalConfig) -> dict[str, Any]:
     """Evaluate the decoder on ``cfg.data``; returns the metrics (mIoU, per-class IoU)."""
-    import ray
 
-    from wsss_ray.data.segmentation import segmentation_dataset
-    from wsss_ray.eval.datasets import resolve_source
     from wsss_ray.eval.miou import iou_from_confusion
-    from wsss_ray.runtime import cluster_has_gpus, start_ray
 
-    out = Path(cfg.run.output_dir).resolve()
-    folder = out / cfg.run.name
-    folder.mkdir(parents=True, exist_ok=True)
     cfg.clip.weights = str(Path(cfg.clip.weights).resolve())
     cfg.checkpoint = str(Path(cfg.checkpoint).resolve())
-    config_file = save_resolved(cfg, folder)
-    source = resolve_source(cfg.data, out)
-    if not source.records:
-        raise ValueError(f"{cfg.data.kind} split '{cfg.data.split}' has no images")
+    run = open_eval(cfg)
+    source = run.source
     n_img = len(source.records)
-    step = max(1, n_img // max(cfg.num_overlays, 1))
-    overlay_ids = [r.id for r in source.records[::step][: cfg.num_overlays]]
     t = cfg.test
     print(
         f"[wsss_ray] VPL decoder on {source.name} {source.split}: {n_img} images, scales "
@@ -121,19 +110,8 @@ def run(cfg: VPLEvalConfig) -> dict[str, Any]:
         f"checkpoint {cfg.checkpoint}",
         flush=True,
     )
-
-    inf = cfg.infer
-    start_ray(inf.actors[1] * inf.cpus_per_actor + 1, cfg.ray.num_cpus)
-    gpus = inf.gpus_per_actor if inf.gpus_per_actor >= 0 else float(cluster_has_gpus())
-    ds = segmentation_dataset(source).map_batches(
-        SegPredictor,
-        fn_constructor_args=(cfg, source.class_names, overlay_ids),
-        batch_size=inf.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=inf.actors[0], max_size=inf.actors[1]),
-        num_cpus=inf.cpus_per_actor,
-        num_gpus=gpus,
-        batch_format="numpy",
-    )
+    args = (cfg, source.class_names, run.overlay_ids)
+    ds = predicted(source, SegPredictor, args, cfg.infer, cfg.ray.num_cpus)
     c = len(source.class_names)
     total, done, overlays, elapsed = collect(ds, n_img, (c, c))
 
@@ -144,9 +122,7 @@ def run(cfg: VPLEvalConfig) -> dict[str, Any]:
         f"{done} images in {elapsed:.1f}s"
     )
     baselines = {"all_background": floor.miou}
-    return finish_eval(
-        cfg, out, folder, config_file, result, baselines, done, elapsed, overlays, line
-    )
+    return finish_eval(cfg, run, result, baselines, done, elapsed, overlays, line)
 
 
 def _all_background(conf: np.ndarray) -> np.ndarray:
