@@ -20,16 +20,36 @@ from wsss_ray.config.seg import InferenceConfig, SegDataConfig
 
 @dataclass
 class FrozenClipConfig:
-    name: str = _f("ViT-B-16", "open_clip architecture of the frozen CLIP (wsss-tiny for CPU)")
+    name: str = _f(
+        "ViT-B-16-quickgelu",
+        "open_clip architecture of the frozen CLIP: ViT-B-16-quickgelu for OpenAI's ViT-B-16.pt "
+        "(QuickGELU), ViT-B-16 for GELU-trained open_clip weights, wsss-tiny for CPU",
+    )
     weights: str = _f(
         "",
-        "local open_clip weights file, or a jobs/pretrain_clip.py run/checkpoint folder (required)",
+        "local CLIP weights: OpenAI's TorchScript ViT-B-16.pt, a state dict, an open_clip "
+        "checkpoint, or a jobs/pretrain_clip.py run/checkpoint folder (required)",
+    )
+    origin: str = _f(
+        "auto",
+        "auto (a TorchScript archive or OpenAI's extra keys mean OpenAI weights) | openai | other"
+        "; OpenAI weights need a QuickGELU clip.name",
     )
 
     def check(self) -> None:
         w = self.weights
         need(bool(w), "clip.weights", "give a local CLIP weights file or pretrain_clip run folder")
         need(os.path.exists(w), "clip.weights", f"no such file or folder: {w}")
+        need(self.origin in ("auto", "openai", "other"), "clip.origin", "auto | openai | other")
+        from wsss_ray.models.clip import architectures, check_activation, is_torchscript_archive
+
+        need(self.name in architectures(), "clip.name", "not an open_clip architecture")
+        if os.path.isfile(w) and self.origin != "other":
+            openai = self.origin == "openai" or is_torchscript_archive(w)
+            try:
+                check_activation(self.name, "openai" if openai else "unknown", w)
+            except ValueError as err:
+                need(False, "clip.name", str(err))
 
 
 @dataclass

@@ -55,16 +55,17 @@ PL_KINDS = ("cam", "seed", "pseudo")
 
 
 # ----------------------------------------------------------------------------- the model side
-def frozen_clip(name: str, weights: str) -> torch.nn.Module:
-    """``load_frozen_clip`` for a weights file or a ``pretrain_clip`` run/checkpoint folder."""
+def frozen_clip(name: str, weights: str, origin: str = "auto") -> torch.nn.Module:
+    """``load_frozen_clip`` for a weights file or a ``pretrain_clip`` run/checkpoint folder
+    (``origin``: ``clip.origin``)."""
     import os
 
     from wsss_ray.eval.checkpoint import load_state_dict
     from wsss_ray.models.clip import load_frozen_clip
 
     if weights and os.path.isdir(weights):
-        return load_frozen_clip(name, state_dict=load_state_dict(weights))
-    return load_frozen_clip(name, weights)
+        return load_frozen_clip(name, state_dict=load_state_dict(weights), origin=origin)
+    return load_frozen_clip(name, weights, origin=origin)
 
 
 class VPLModel:
@@ -79,13 +80,14 @@ class VPLModel:
         templates: list[str],
         background: list[str],
         device: str | torch.device = "cpu",
+        origin: str = "auto",
     ):
         from wsss_ray.config import CLIP_MEAN, CLIP_STD
         from wsss_ray.data.text import class_prompts, text_prototypes
         from wsss_ray.models.clip import DenseCLIP, context_length, tokenizer
 
         self.device = torch.device(device)
-        clip = frozen_clip(name, weights).to(self.device)
+        clip = frozen_clip(name, weights, origin).to(self.device)
         self.dense = DenseCLIP(clip)
         self.patch = self.dense.patch
         fg, default_bg = class_prompts(class_names)
@@ -167,7 +169,7 @@ def run_prototypes(cfg: VPLConfig) -> dict[str, Any]:
     )
     model = VPLModel(
         cfg.clip.name, cfg.clip.weights, source.class_names,
-        list(cfg.prompts.templates), list(cfg.prompts.background),
+        list(cfg.prompts.templates), list(cfg.prompts.background), origin=cfg.clip.origin,
     )  # fmt: skip
     Z = model.text.cpu()
     t0 = time.perf_counter()

@@ -49,6 +49,7 @@ class FeatureExtractor:
             list(cfg.prompts.templates),
             list(cfg.prompts.background),
             _device(),
+            cfg.clip.origin,
         )
         self.scale = cfg.cam.scale
         self.keep = cfg.prototypes.patches_per_image

@@ -59,36 +59,124 @@ def tokenizer(name: str, context_length: int | None = None):
 
 
 # ----------------------------------------------------------------------------- frozen dense CLIP
+#: keys OpenAI's CLIP state dicts carry beside the weights (TorchScript attributes); open_clip
+#: drops them too (``open_clip.factory.load_state_dict``)
+OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+#: ``clip.origin`` choices
+ORIGINS = ("auto", "openai", "other")
+
+
+def is_torchscript_archive(path: str | os.PathLike) -> bool:
+    """A TorchScript zip (``torch.jit.save``: a ``constants.pkl`` and a ``code/`` folder), the
+    format of OpenAI's released ``ViT-B-16.pt``; ``torch.load(weights_only=True)`` refuses it."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+def read_clip_weights(path: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict in a CLIP weights file and where it comes from: ``openai`` for a
+    TorchScript archive or a state dict with OpenAI's extra keys, else ``unknown``. Reads
+    TorchScript archives with ``torch.jit.load`` (parameters only are used), everything else
+    with open_clip's reader (``weights_only=True``; ``.safetensors``, a ``state_dict`` entry and
+    ``module.`` prefixes handled). The extra keys are dropped."""
+    if is_torchscript_archive(path):
+        import warnings
+
+        with warnings.catch_warnings():  # "torch.jit.load is deprecated": the format is OpenAI's
+            warnings.simplefilter("ignore", FutureWarning)
+            state = dict(torch.jit.load(path, map_location="cpu").state_dict())
+        origin = "openai"
+    else:
+        from open_clip.factory import load_state_dict
+
+        state = dict(load_state_dict(path, weights_only=True))
+        origin = "openai" if any(k in state for k in OPENAI_EXTRA_KEYS) else "unknown"
+    for key in OPENAI_EXTRA_KEYS:
+        state.pop(key, None)
+    return state, origin
+
+
+def uses_quick_gelu(name: str) -> bool:
+    return bool(model_config(name).get("quick_gelu", False))
+
+
+def check_activation(name: str, origin: str, source: str) -> None:
+    """OpenAI's CLIPs use QuickGELU (x * sigmoid(1.702 x)); open_clip builds ``ViT-B-16`` with
+    GELU and ``ViT-B-16-quickgelu`` with QuickGELU. Loading OpenAI weights into a GELU model
+    changes every feature without failing, so it is an error here."""
+    if origin == "openai" and not uses_quick_gelu(name):
+        hint = f"{name}-quickgelu"
+        fix = f"set clip.name={hint}" if hint in architectures() else "use a QuickGELU architecture"
+        raise ValueError(
+            f"{source} holds OpenAI CLIP weights (QuickGELU) but clip.name={name} is built with "
+            f"GELU, which would change every feature: {fix}"
+        )
+
+
 def load_frozen_clip(
-    name: str, weights: str = "", state_dict: dict[str, torch.Tensor] | None = None
+    name: str,
+    weights: str = "",
+    state_dict: dict[str, torch.Tensor] | None = None,
+    origin: str = "auto",
 ) -> nn.Module:
-    """A frozen open_clip CLIP in eval mode with weights from a local file (no hub access):
-    ``weights`` is an open_clip checkpoint file (``.pt``/``.bin``/``.safetensors``, read by
-    ``open_clip.create_model(..., pretrained=path)``), or ``state_dict`` is given instead (what
-    ``wsss_ray.eval.checkpoint.load_state_dict`` makes of a training run folder)."""
+    """A frozen open_clip CLIP in eval mode, float32, with weights from a local file (no hub
+    access): ``weights`` is an OpenAI TorchScript archive or state dict, or an open_clip
+    checkpoint (``.pt``/``.bin``/``.safetensors``), read by :func:`read_clip_weights`; or
+    ``state_dict`` is given instead (what ``wsss_ray.eval.checkpoint.load_state_dict`` makes of
+    a training run folder). ``origin`` (``clip.origin``): ``auto`` detects OpenAI weights from
+    the file, ``openai`` declares them, ``other`` skips the activation check. OpenAI weights
+    into a non-QuickGELU architecture raise ValueError; weights that do not fit ``name`` raise
+    ValueError naming the first missing and unexpected keys."""
+    if origin not in ORIGINS:
+        raise ValueError(f"clip.origin: one of {', '.join(ORIGINS)} (got {origin!r})")
+    source = "the given state dict"
     if state_dict is None:
         if not weights:
             raise FileNotFoundError(
                 f"no CLIP weights given for '{name}': set clip.weights to a local file "
-                "(e.g. ViT-B-16 open_clip weights) or a jobs/pretrain_clip.py run folder"
+                "(e.g. OpenAI's ViT-B-16.pt) or a jobs/pretrain_clip.py run folder"
             )
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"CLIP weights not found: {weights}")
-        model = open_clip.create_model(name, pretrained=weights, device="cpu")
+        state_dict, detected = read_clip_weights(weights)
+        source = weights
     else:
-        import logging
+        detected = "unknown"
+    check_activation(name, detected if origin == "auto" else origin, source)
+    import logging
 
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)  # open_clip warns "no pretrained weights" before we load them
-        try:
-            model = create_clip(name)
-        finally:
-            root.setLevel(level)
-        state = dict(state_dict)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # open_clip warns "no pretrained weights" before we load them
+    try:
+        model = create_clip(name)
+    finally:
+        root.setLevel(level)
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import convert_to_custom_text_state_dict
+
+    state = convert_state_dict(model, dict(state_dict))  # third-party layouts, as open_clip
+    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+        state = convert_to_custom_text_state_dict(state)
+    if "logit_scale" in state:
         state["logit_scale"] = state["logit_scale"].reshape(1)
-        model.load_state_dict(state)
-    model.eval().requires_grad_(False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a shape mismatch
+        first = str(err).strip().splitlines()[-1].strip()
+        raise ValueError(f"{source} does not fit clip.name={name}: {first}") from None
+    if missing or unexpected:
+        raise ValueError(
+            f"{source} does not fit clip.name={name}: {len(missing)} missing keys "
+            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}"
+        )
+    model.float().eval().requires_grad_(False)
     return model
 
 

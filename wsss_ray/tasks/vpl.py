@@ -18,13 +18,13 @@ from wsss_ray.losses.segmentation import balanced_ce
 from wsss_ray.tasks.base import Task
 
 
-def load_dense_clip(name: str, weights: str):
+def load_dense_clip(name: str, weights: str, origin: str = "auto"):
     """A frozen :class:`~wsss_ray.models.clip.DenseCLIP` from a weights file or a
     ``jobs/pretrain_clip.py`` run/checkpoint folder."""
     from wsss_ray.eval.vpl import frozen_clip
     from wsss_ray.models.clip import DenseCLIP
 
-    return DenseCLIP(frozen_clip(name, weights)).eval()
+    return DenseCLIP(frozen_clip(name, weights, origin)).eval()
 
 
 def build_decoder(dense, num_classes: int, dec) -> torch.nn.Module:
@@ -59,7 +59,7 @@ class VPLSegTask(Task):
     def __init__(self, cfg: VPLTrainConfig, num_classes: int):
         super().__init__()
         self.cfg = cfg
-        self._dense = [load_dense_clip(cfg.clip.name, cfg.clip.weights)]  # hidden from DeepSpeed
+        self._dense = [load_dense_clip(cfg.clip.name, cfg.clip.weights, cfg.clip.origin)]  # hidden from DeepSpeed
         self.decoder = build_decoder(self._dense[0], num_classes, cfg.decoder)
         self.rsc_weight = cfg.rsc.weight
         self.rsc = None

@@ -166,7 +166,7 @@ def prototype_data(cfg: Any, seed_images: int = 0) -> dict[str, Any]:
         raise ValueError(f"{cfg.data.kind} split '{cfg.data.split}' has no images")
     model = VPLModel(
         cfg.clip.name, cfg.clip.weights, source.class_names,
-        list(cfg.prompts.templates), list(cfg.prompts.background),
+        list(cfg.prompts.templates), list(cfg.prompts.background), origin=cfg.clip.origin,
     )  # fmt: skip
     paths = cache_features(cfg, source, folder)
     feats = load_features(paths, model.num_fg, len(model.background))
@@ -235,6 +235,7 @@ def _clip_model(cfg: Any, class_names: list[str]) -> Any:
         _MODELS[key] = VPLModel(
             cfg.clip.name, cfg.clip.weights, class_names,
             list(cfg.prompts.templates), list(cfg.prompts.background),
+            origin=cfg.clip.origin,
         )  # fmt: skip
     return _MODELS[key]
 
