@@ -184,7 +184,9 @@ def test_openai_weights_into_a_gelu_model_are_refused(weights, tmp_path):
     folder, images, tokens, (img_ref, _) = weights
     jit, plain = folder / "ViT-B-16.pt", folder / "ViT-B-16_state_dict.pt"
     # the config check catches the archive before any cluster work
-    with pytest.raises(ConfigError, match=r"clip\.name: .*QuickGELU.*clip\.name=ViT-B-16-quickgelu"):
+    with pytest.raises(
+        ConfigError, match=r"clip\.name: .*QuickGELU.*clip\.name=ViT-B-16-quickgelu"
+    ):
         load_config(VPLConfig, None, [f"clip.weights={jit}", "clip.name=ViT-B-16"])
     # the loader catches both files (the state dict by OpenAI's extra keys)
     for path in (jit, plain):

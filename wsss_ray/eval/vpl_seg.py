@@ -47,7 +47,9 @@ class SegPredictor:
         from wsss_ray.tasks.vpl import load_dense_clip
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.dense = load_dense_clip(cfg.clip.name, cfg.clip.weights, cfg.clip.origin).to(self.device)
+        self.dense = load_dense_clip(cfg.clip.name, cfg.clip.weights, cfg.clip.origin).to(
+            self.device
+        )
         self.decoder = load_decoder(cfg.checkpoint, self.dense, len(class_names), cfg.decoder).to(
             self.device
         )

@@ -59,7 +59,9 @@ class VPLSegTask(Task):
     def __init__(self, cfg: VPLTrainConfig, num_classes: int):
         super().__init__()
         self.cfg = cfg
-        self._dense = [load_dense_clip(cfg.clip.name, cfg.clip.weights, cfg.clip.origin)]  # hidden from DeepSpeed
+        self._dense = [
+            load_dense_clip(cfg.clip.name, cfg.clip.weights, cfg.clip.origin)
+        ]  # hidden from DeepSpeed
         self.decoder = build_decoder(self._dense[0], num_classes, cfg.decoder)
         self.rsc_weight = cfg.rsc.weight
         self.rsc = None
