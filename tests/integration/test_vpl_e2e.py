@@ -87,7 +87,12 @@ def test_vpl_phase1_prototypes_and_pseudo_labels(workdir, capsys):
             assert label.shape == gt.shape
             present = set(np.unique(gt).tolist()) - {0, 255}
             assert set(np.unique(label).tolist()) <= present | {0}  # only the image's classes
-        results[mode] = json.loads((folder / f"results_{mode}.json").read_text())
+        results[mode] = res = json.loads((folder / f"results_{mode}.json").read_text())
+        # without CRF the all-pixel label is the seed; the exponent sweep holds alpha=1 (the
+        # seed's own exponent) and reports its best
+        assert res["pseudo_all/miou"] == res["seed/miou"] == res["seed_alpha1/miou"]
+        best = max((1, 2), key=lambda a: res[f"seed_alpha{a}/miou"])
+        assert res["seed/best_alpha"] == best and "seed_alpha2/miou" in res
     for mode, res in results.items():
         # seeds beat the all-background floor in both modes; the 40-step CLIP's scores vary
         # from machine to machine by a few points (threaded CPU kernels), so the margins are

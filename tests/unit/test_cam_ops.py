@@ -270,3 +270,22 @@ def test_dense_crf_follows_image_edges():
     assert q.shape == (2, h, w) and q.dtype == np.float32
     np.testing.assert_allclose(q.sum(0), 1, atol=1e-4)
     np.testing.assert_array_equal(q.argmax(0), np.broadcast_to(np.arange(w) >= 8, (h, w)))
+
+
+def test_crf_image_reproduces_clip_es_input_quirk():
+    """CLIP-ES eval_cam_with_crf.py: cv2 BGR float image minus the BGR mean, then
+    ``astype(np.uint8)`` (negative values wrap); ``rgb`` passes the image through."""
+    from wsss_ray.ops.crf import CLIP_ES_MEAN_BGR, crf_image
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (7, 9, 3), dtype=np.uint8)
+    assert np.array_equal(crf_image(image, "rgb"), image)
+    quirk = crf_image(image, "clip_es")
+    # the reference's expression, literally (x86 numpy wraps a negative float -> uint8 cast)
+    bgr = image[..., ::-1].astype(np.float32)
+    bgr -= np.array(CLIP_ES_MEAN_BGR, np.float32)
+    assert np.array_equal(quirk, bgr.astype(np.uint8))
+    black = crf_image(np.zeros((1, 1, 3), np.uint8), "clip_es")[0, 0]
+    assert black.tolist() == [256 - 104, 256 - 116, 256 - 122]  # B, G, R of -mean, wrapped
+    with pytest.raises(ValueError, match="rgb, clip_es"):
+        crf_image(image, "bgr")

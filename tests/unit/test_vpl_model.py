@@ -69,12 +69,18 @@ def test_missing_weights_give_a_clear_error(tmp_path):
 
 def test_prompts_follow_the_dataset():
     fg, bg = class_prompts(VOC_CLASSES)
-    assert len(fg) == 20 and fg[14] == "person with clothes, people, human"
+    assert len(fg) == 20 and fg[14] == "person with clothes,people,human"  # CLIP-ES verbatim
     assert bg == VOC_BACKGROUND and len(bg) == 25
     from wsss_ray.data.coco import COCO_CLASSES
 
     fg, bg = class_prompts(COCO_CLASSES)
     assert len(fg) == 80 and len(bg) == 23 and "keyboard" not in bg
+    # CLIP-ES's names in COCO order: VOC-style names where COCO's differ, its synonyms
+    pairs = dict(zip(COCO_CLASSES[1:], fg))
+    assert pairs["airplane"] == "aeroplane" and pairs["couch"] == "sofa"
+    assert pairs["tv"] == "tvmonitor screen" and pairs["baseball glove"] == "glove"
+    assert pairs["hair drier"] == "hairdrier,blowdrier" and pairs["snowboard"] == "snowboard"
+    assert class_prompts(COCO_CLASSES, reference_typos=True)[0][31] == "sknowboard"
     fg, bg = class_prompts(syn.CLASS_NAMES)
     assert fg == syn.SHAPES
 

@@ -86,6 +86,26 @@ def test_objective_and_gradient_match_direct_formula_and_autograd():
     torch.testing.assert_close(grad2, grad, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_reduction_sum_is_methods_objective(reduction):
+    """prototypes.reduction=sum solves METHODS 2.2's sum_n KL + lam ||W||^2 (the solver's mean
+    objective at lam / N has the same gradient up to the factor N); mean: mean KL + lam."""
+    from wsss_ray.config.vpl import PrototypeConfig
+
+    F, Z, allowed, W = _random_case()
+    P = target_distribution(F, Z, allowed, tau_T=0.3)
+    cfg = PrototypeConfig(lam=0.03, reduction=reduction)
+    value, grad = vpl_objective(W, F, P, tau_I=0.2, lam=cfg.mean_lam(len(F)))
+    Wr = W.clone().requires_grad_(True)
+    logp = torch.log_softmax(F @ Wr.T / 0.2, dim=1)
+    kl = torch.where(P > 0, P * (torch.log(P) - logp), torch.zeros_like(P)).sum(1)
+    n = len(F) if reduction == "sum" else 1
+    ref = (kl.sum() if reduction == "sum" else kl.mean()) + 0.03 * (Wr**2).sum()
+    ref.backward()
+    assert n * value == pytest.approx(ref.item(), rel=1e-12)
+    torch.testing.assert_close(n * grad, Wr.grad, rtol=1e-10, atol=1e-10)
+
+
 def test_kl_keeps_entropy_term_so_objective_is_nonnegative():
     F, Z, allowed, _ = _random_case()
     P = target_distribution(F, Z, allowed, tau_T=0.3)

@@ -58,6 +58,9 @@ class PromptConfig:
     background: list[str] = _f(
         [], "background words always in the CAM softmax; [] = dataset default (VOC 25, COCO 23)"
     )
+    reference_typos: bool = _f(
+        False, "keep CLIP-ES's misspelt COCO prompt 'sknowboard' (default: 'snowboard')"
+    )
 
     def check(self) -> None:
         need(
@@ -71,7 +74,12 @@ class PromptConfig:
 class PrototypeConfig:
     tau_t: float = _f(0.01, "temperature of the text target p' (restricted to Y_i + background)")
     tau_i: float = _f(0.07, "temperature of the prediction p = softmax(W f / tau_I)")
-    lam: float = _f(1.0e-4, "weight of ||W||_F^2")
+    lam: float = _f(1.0e-4, "weight of ||W||_F^2 (its meaning depends on prototypes.reduction)")
+    reduction: str = _f(
+        "sum",
+        "KL over patches: sum (METHODS 2.2: sum_ik KL + lam ||W||^2) | mean (mean KL + lam "
+        "||W||^2, the sum's minimiser at lam * N)",
+    )
     init: str = _f("text", "W0: text (= Z) | zero")
     max_iter: int = _f(500, "gradient-descent iterations at most")
     tol: float = _f(1.0e-6, "stop when the objective's relative change is below this")
@@ -80,10 +88,16 @@ class PrototypeConfig:
     chunk_size: int = _f(65536, "feature rows per chunk of the full-batch gradient")
     log_every: int = _f(10, "print the objective every N iterations (0 = off)")
 
+    def mean_lam(self, patches: int) -> float:
+        """The weight the solver's mean-KL objective needs for this section's objective over
+        ``patches`` feature rows: sum_n KL + lam ||W||^2 = N (mean_n KL + (lam / N) ||W||^2)."""
+        return self.lam / max(patches, 1) if self.reduction == "sum" else self.lam
+
     def check(self) -> None:
         need(self.init in ("text", "zero"), "prototypes.init", "text | zero")
         need(self.tau_t > 0 and self.tau_i > 0, "prototypes.tau_t", "temperatures must be > 0")
         need(self.lam >= 0, "prototypes.lam", "must be >= 0")
+        need(self.reduction in ("sum", "mean"), "prototypes.reduction", "sum | mean")
         need(self.max_iter > 0, "prototypes.max_iter", "must be > 0")
         need(self.patches_per_image >= 0, "prototypes.patches_per_image", "must be >= 0")
         need(self.shard_images > 0, "prototypes.shard_images", "must be > 0")
@@ -103,6 +117,14 @@ class CamConfig:
     alpha: float = _f(1.0, "background score (1 - max_c CAM) ** alpha")
     crf: bool = _f(False, "dense CRF on the refined seeds (needs the crf extra)")
     conf_thresh: float = _f(0.95, "after CRF: max probability below this -> 255")
+    crf_input: str = _f(
+        "rgb",
+        "image of the CRF's bilateral term: rgb | clip_es (CLIP-ES's BGR minus mean cast to "
+        "uint8, negative values wrapping)",
+    )
+    alpha_sweep: list[float] = _f(
+        [1.0, 2.0], "seed mIoU also reported for each background exponent (CLIP-ES: 1, 2)"
+    )
 
     def check(self) -> None:
         need(self.prototypes in ("text", "vision"), "cam.prototypes", "text | vision")
@@ -114,6 +136,8 @@ class CamConfig:
         need(self.scale > 0, "cam.scale", "must be > 0")
         need(self.refine_layers >= 0, "cam.refine_layers", "must be >= 0")
         need(0 <= self.conf_thresh <= 1, "cam.conf_thresh", "must be in [0, 1]")
+        need(self.crf_input in ("rgb", "clip_es"), "cam.crf_input", "rgb | clip_es")
+        need(all(a > 0 for a in self.alpha_sweep), "cam.alpha_sweep", "exponents must be > 0")
         if self.crf:
             crf_needed("cam.crf")
 

@@ -50,8 +50,22 @@ from wsss_ray.eval.vpl_features import (  # noqa: F401 - re-exported for callers
 )
 from wsss_ray.tracking import log_job_run
 
-#: confusion-matrix kinds the pseudo-label job reports
-PL_KINDS = ("cam", "seed", "pseudo")
+#: confusion-matrix kinds the pseudo-label job reports: the raw CAM, the refined seed, the
+#: final pseudo-label over the pixels it labels, and the final label before the confidence
+#: filter on every pixel (CLIP-ES ``eval_cam_with_crf.py --eval_only``)
+PL_KINDS = ("cam", "seed", "pseudo", "pseudo_all")
+
+
+def _sweep_line(metrics: dict[str, Any]) -> str:
+    if "seed/best_alpha" not in metrics:
+        return ""
+    a, m = metrics["seed/best_alpha"], metrics["seed/best_alpha_miou"]
+    return f" | best background exponent {a:g}: seed mIoU {100 * m:.1f}"
+
+
+def pl_kinds(cam: Any) -> tuple[str, ...]:
+    """:data:`PL_KINDS` plus one seed kind per background exponent of ``cam.alpha_sweep``."""
+    return PL_KINDS + tuple(f"seed_alpha{a:g}" for a in cam.alpha_sweep)
 
 
 # ----------------------------------------------------------------------------- the model side
@@ -81,6 +95,7 @@ class VPLModel:
         background: list[str],
         device: str | torch.device = "cpu",
         origin: str = "auto",
+        reference_typos: bool = False,
     ):
         from wsss_ray.config import CLIP_MEAN, CLIP_STD
         from wsss_ray.data.text import class_prompts, text_prototypes
@@ -90,13 +105,30 @@ class VPLModel:
         clip = frozen_clip(name, weights, origin).to(self.device)
         self.dense = DenseCLIP(clip)
         self.patch = self.dense.patch
-        fg, default_bg = class_prompts(class_names)
+        fg, default_bg = class_prompts(class_names, reference_typos)
         self.background = list(background) or default_bg
         self.num_fg = len(fg)
         tok = tokenizer(name, context_length(name))
         self.text = text_prototypes(clip, tok, fg + self.background, templates, self.device)
         self.mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(CLIP_STD, device=self.device).view(1, 3, 1, 1)
+
+    @classmethod
+    def for_config(
+        cls, cfg: Any, class_names: list[str], device: str | torch.device = "cpu"
+    ) -> VPLModel:
+        """The model of a config's ``clip`` and ``prompts`` sections."""
+        p = cfg.prompts
+        return cls(
+            cfg.clip.name,
+            cfg.clip.weights,
+            class_names,
+            list(p.templates),
+            list(p.background),
+            device,
+            cfg.clip.origin,
+            p.reference_typos,
+        )
 
     def prepare(self, image: np.ndarray, scale: float = 1.0) -> torch.Tensor:
         """1 x 3 x H' x W' normalised input: ``image`` resized by ``scale`` and up to the next
@@ -167,10 +199,7 @@ def run_prototypes(cfg: VPLConfig) -> dict[str, Any]:
         f"images, CLIP {cfg.clip.name} from {cfg.clip.weights}",
         flush=True,
     )
-    model = VPLModel(
-        cfg.clip.name, cfg.clip.weights, source.class_names,
-        list(cfg.prompts.templates), list(cfg.prompts.background), origin=cfg.clip.origin,
-    )  # fmt: skip
+    model = VPLModel.for_config(cfg, source.class_names)
     Z = model.text.cpu()
     t0 = time.perf_counter()
     paths = cache_features(cfg, source, folder)
@@ -187,7 +216,8 @@ def run_prototypes(cfg: VPLConfig) -> dict[str, Any]:
         print(f"[wsss_ray] {msg}", flush=True)
 
     W, slog = solve_vision_prototypes(
-        data["F"], Z, data["allowed"], tau_T=p.tau_t, tau_I=p.tau_i, lam=p.lam, init=p.init,
+        data["F"], Z, data["allowed"], tau_T=p.tau_t, tau_I=p.tau_i,
+        lam=p.mean_lam(len(data["F"])), init=p.init,
         max_iter=p.max_iter, tol=p.tol, chunk_size=p.chunk_size, log_every=p.log_every,
         log_fn=log,
     )  # fmt: skip
@@ -295,10 +325,7 @@ class PseudoLabeler:
         where the driver runs); None = text prototypes."""
         from wsss_ray.ops.crf import crf_available
 
-        self.model = VPLModel(
-            cfg.clip.name, cfg.clip.weights, class_names,
-            list(cfg.prompts.templates), list(cfg.prompts.background), _device(),
-        )  # fmt: skip
+        self.model = VPLModel.for_config(cfg, class_names, _device())
         if vision is not None:
             W, tau = vision
             if W.shape != self.model.text.shape:
@@ -320,9 +347,16 @@ class PseudoLabeler:
         from wsss_ray.data.segmentation import decode_mask_bytes, encode_mask
         from wsss_ray.eval.miou import confusion_matrix
         from wsss_ray.eval.pgseg import overlay_png
-        from wsss_ray.ops.crf import confidence_filter, dense_crf, pseudo_label, stack_background
+        from wsss_ray.ops.crf import (
+            confidence_filter,
+            crf_image,
+            dense_crf,
+            pseudo_label,
+            stack_background,
+        )
 
-        conf = np.zeros((len(PL_KINDS), self.c, self.c), np.int64)
+        kinds = pl_kinds(self.cam)
+        conf = np.zeros((len(kinds), self.c, self.c), np.int64)
         pngs, overlays = [], []
         for key, img, mask, labels in zip(
             batch["id"], batch["image"], batch["mask"], batch["labels"]
@@ -335,14 +369,20 @@ class PseudoLabeler:
             )  # fmt: skip
             cam_label = pseudo_label(cams.numpy(), labels, self.cam.alpha)
             seed = pseudo_label(refined.numpy(), labels, self.cam.alpha)
-            final = seed
+            final = every = seed
             if self.cam.crf:
-                post = dense_crf(image, stack_background(refined.numpy(), self.cam.alpha))
+                scores = stack_background(refined.numpy(), self.cam.alpha)
+                post = dense_crf(crf_image(image, self.cam.crf_input), scores)
                 final = confidence_filter(post, self.cam.conf_thresh, 255, [0, *labels])
+                every = confidence_filter(post, 0.0, 255, [0, *labels])
             conf[0] += confusion_matrix(cam_label, gt, self.c)
             conf[1] += confusion_matrix(seed, gt, self.c)
             valid = final != 255  # pseudo-label quality on the pixels it labels
             conf[2] += confusion_matrix(np.where(valid, final, 0), np.where(valid, gt, 255), self.c)
+            conf[3] += confusion_matrix(every, gt, self.c)
+            for i, a in enumerate(self.cam.alpha_sweep):
+                swept = pseudo_label(refined.numpy(), labels, a)
+                conf[len(PL_KINDS) + i] += confusion_matrix(swept, gt, self.c)
             pngs.append(encode_mask(final))
             overlays.append(overlay_png(image, gt, final) if str(key) in self.overlays else b"")
         n = len(pngs)
@@ -400,7 +440,8 @@ def run_pseudo_labels(cfg: VPLConfig) -> dict[str, Any]:
         **_actor_kwargs(cfg),
     )
     c = len(source.class_names)
-    total = np.zeros((len(PL_KINDS), c, c), np.int64)
+    kinds = pl_kinds(cfg.cam)
+    total = np.zeros((len(kinds), c, c), np.int64)
     (folder / f"overlays_{mode}").mkdir(exist_ok=True)
     done, t0, next_print = 0, time.perf_counter(), 0.1
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -414,10 +455,14 @@ def run_pseudo_labels(cfg: VPLConfig) -> dict[str, Any]:
             _progress("pseudo-labels", done, n_img, t0)
             next_print = done / n_img + 0.1
     elapsed = time.perf_counter() - t0
-    results = {k: iou_from_confusion(total[i], source.class_names) for i, k in enumerate(PL_KINDS)}
+    results = {k: iou_from_confusion(total[i], source.class_names) for i, k in enumerate(kinds)}
     metrics: dict[str, Any] = {}
     for k, r in results.items():
         metrics.update(r.metrics(f"{k}/"))
+    if cfg.cam.alpha_sweep:  # CLIP-ES eval_cam.py: the best exponent of the sweep
+        best = max(cfg.cam.alpha_sweep, key=lambda a: results[f"seed_alpha{a:g}"].miou)
+        metrics["seed/best_alpha"] = float(best)
+        metrics["seed/best_alpha_miou"] = results[f"seed_alpha{best:g}"].miou
     labelled = total[2].sum() / max(total[1].sum(), 1)
     metrics.update({"pseudo/coverage": float(labelled), "images": done})
     metrics["images_per_s"] = done / max(elapsed, 1e-9)
@@ -428,8 +473,9 @@ def run_pseudo_labels(cfg: VPLConfig) -> dict[str, Any]:
     print(
         f"[wsss_ray] {mode} prototypes: CAM mIoU {100 * results['cam'].miou:.1f} | seed (CAA) "
         f"mIoU {100 * results['seed'].miou:.1f} | pseudo-label mIoU "
-        f"{100 * results['pseudo'].miou:.1f} on {100 * labelled:.0f}% of pixels | {done} "
-        f"images in {elapsed:.1f}s",
+        f"{100 * results['pseudo'].miou:.1f} on {100 * labelled:.0f}% of pixels, "
+        f"{100 * results['pseudo_all'].miou:.1f} on all (CLIP-ES --eval_only)"
+        f"{_sweep_line(metrics)} | {done} images in {elapsed:.1f}s",
         flush=True,
     )
     files = [folder / f"seed_miou_{mode}.txt", folder / f"results_{mode}.json"]

@@ -42,15 +42,7 @@ class FeatureExtractor:
     def __init__(self, cfg: VPLConfig, class_names: list[str]):
         from wsss_ray.eval.vpl import VPLModel  # the model side lives there
 
-        self.model = VPLModel(
-            cfg.clip.name,
-            cfg.clip.weights,
-            class_names,
-            list(cfg.prompts.templates),
-            list(cfg.prompts.background),
-            _device(),
-            cfg.clip.origin,
-        )
+        self.model = VPLModel.for_config(cfg, class_names, _device())
         self.scale = cfg.cam.scale
         self.keep = cfg.prototypes.patches_per_image
         self.seed = cfg.seed

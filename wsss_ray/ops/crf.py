@@ -71,6 +71,27 @@ def dense_crf(
     return np.asarray(q, dtype=np.float32).reshape(k, h, w)
 
 
+#: CLIP-ES's CRF mean (BGR, the Caffe ImageNet mean; ``eval_cam_with_crf.py``)
+CLIP_ES_MEAN_BGR = (104.008, 116.669, 122.675)
+
+#: ``cam.crf_input`` choices
+CRF_INPUTS = ("rgb", "clip_es")
+
+
+def crf_image(image: np.ndarray, mode: str = "rgb") -> np.ndarray:
+    """The H x W x 3 uint8 image the CRF's bilateral term sees. ``rgb``: the image itself.
+    ``clip_es``: what CLIP-ES passes (``eval_cam_with_crf.py``): the BGR image minus
+    :data:`CLIP_ES_MEAN_BGR`, cast to uint8, so negative values wrap around (-3.7 -> 253); the
+    cast is written out (truncate, then modulo 256) because a negative float to uint8 cast is
+    undefined in C and numpy inherits the platform's result."""
+    if mode == "rgb":
+        return np.ascontiguousarray(image)
+    if mode != "clip_es":
+        raise ValueError(f"crf input: one of {', '.join(CRF_INPUTS)} (got {mode!r})")
+    bgr = np.asarray(image)[..., ::-1].astype(np.float32) - np.float32(CLIP_ES_MEAN_BGR)
+    return np.ascontiguousarray((np.trunc(bgr).astype(np.int64) % 256).astype(np.uint8))
+
+
 def confidence_filter(
     probs: np.ndarray | torch.Tensor,
     thresh: float = 0.95,

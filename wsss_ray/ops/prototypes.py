@@ -12,9 +12,12 @@ classes present in the pixel's image plus every background row):
     prediction  p_n  = softmax_k(W f_n / tau_I) over all K
     J(W) = (1/N) sum_n KL(p'_n || p_n) + lam ||W||_F^2
 
-KL keeps the target's entropy term (with 0 log 0 = 0), so J >= 0 and J(W*) is meaningful. We use
-the *mean* over pixels instead of the paper's sum so that lam means the same thing whatever N is
-(the sum with lam is the mean with lam / N). The target does not depend on W: it is computed once.
+KL keeps the target's entropy term (with 0 log 0 = 0), so J >= 0 and J(W*) is meaningful. The
+solver works with the *mean* over pixels, so its objective and gradient norms read the same
+whatever N is. METHODS.md 2.2 writes the *sum* (sum_n KL + lam ||W||^2); its minimiser is this
+one's at lam / N, which is what ``prototypes.reduction: sum`` (the default) passes in
+(``PrototypeConfig.mean_lam``); ``reduction: mean`` passes lam as it is. The target does not
+depend on W: it is computed once.
 
 J is convex (log-sum-exp of a linear map minus a linear term, plus a ridge), with gradient
 

@@ -164,10 +164,7 @@ def prototype_data(cfg: Any, seed_images: int = 0) -> dict[str, Any]:
     source = resolve_source(cfg.data, out)
     if not source.records:
         raise ValueError(f"{cfg.data.kind} split '{cfg.data.split}' has no images")
-    model = VPLModel(
-        cfg.clip.name, cfg.clip.weights, source.class_names,
-        list(cfg.prompts.templates), list(cfg.prompts.background), origin=cfg.clip.origin,
-    )  # fmt: skip
+    model = VPLModel.for_config(cfg, source.class_names)
     paths = cache_features(cfg, source, folder)
     feats = load_features(paths, model.num_fg, len(model.background))
     data: dict[str, Any] = {
@@ -229,14 +226,12 @@ def _clip_model(cfg: Any, class_names: list[str]) -> Any:
         tuple(class_names),
         tuple(cfg.prompts.templates),
         tuple(cfg.prompts.background),
+        cfg.clip.origin,
+        cfg.prompts.reference_typos,
     )
     if key not in _MODELS:
         _MODELS.clear()
-        _MODELS[key] = VPLModel(
-            cfg.clip.name, cfg.clip.weights, class_names,
-            list(cfg.prompts.templates), list(cfg.prompts.background),
-            origin=cfg.clip.origin,
-        )  # fmt: skip
+        _MODELS[key] = VPLModel.for_config(cfg, class_names)
     return _MODELS[key]
 
 
@@ -279,7 +274,8 @@ def solve_and_score(
     F, allowed = _tensor(data["F"]), _tensor(data["allowed"])
     gt = _tensor(data["patch_gt"]).long()
     W, log = solve_vision_prototypes(
-        F, _tensor(data["Z"]), allowed, tau_T=p.tau_t, tau_I=p.tau_i, lam=p.lam, init=p.init,
+        F, _tensor(data["Z"]), allowed, tau_T=p.tau_t, tau_I=p.tau_i,
+        lam=p.mean_lam(len(F)), init=p.init,
         max_iter=p.max_iter, tol=p.tol, chunk_size=p.chunk_size,
     )  # fmt: skip
     metrics = patch_scores(F, W, allowed, gt, int(data["num_fg"]), p.chunk_size)
