@@ -179,3 +179,76 @@ def test_vpl_phase2_decoder_with_and_without_rsc(workdir):
         f"{100 * val['rsc']:.1f}, without {100 * val['no_rsc']:.1f}; multi-scale + flip "
         f"{100 * ms['miou']:.1f}; all background {100 * floor:.1f}"
     )
+
+
+def _online_label_miou(cfg_args: list[str], source) -> float:
+    """mIoU of the frozen CLIP's online labels (the phase-2 targets, before any RFM) on the
+    split's whole images, given their image-level labels."""
+    from PIL import Image
+
+    from wsss_ray.config import VPLTrainConfig, load_config
+    from wsss_ray.data.segmentation import image_labels
+    from wsss_ray.data.webdataset import normalize_images
+    from wsss_ray.tasks.vpl import VPLSegTask
+
+    cfg = load_config(VPLTrainConfig, "configs/vpl/train_tiny.yaml", cfg_args)
+    names = source.class_names
+    task = VPLSegTask(cfg, len(names), names, source.name)
+    conf = np.zeros((len(names), len(names)), np.int64)
+    for rec in source.records:
+        image = np.asarray(Image.open(rec.image).convert("RGB"))
+        gt = read_mask(rec.mask)
+        x = normalize_images(torch.from_numpy(image.copy())[None], cfg.data.mean, cfg.data.std)
+        present = torch.zeros(1, len(names), dtype=torch.uint8)
+        present[0, [0, *image_labels(gt)]] = 1
+        out = task.dense(x.float(), attn_layers=task.labeler.attn_layers, cam=True, tokens=True)
+        valid = torch.ones(1, *gt.shape, dtype=torch.bool)
+        labels = task.labeler(x.float(), out, present, valid)[0].numpy()
+        conf += confusion_matrix(labels, gt, len(names))
+    return iou_from_confusion(conf).miou
+
+
+def test_weclip_phase2_online_labels_rfm_affinity(workdir):
+    """WeCLIP's phase 2 end to end: labels made online from the frozen CLIP's CAMs (no phase-1
+    label files), RFM from step 20, the affinity loss, WeCLIP's decoder; the decoder beats the
+    labels it was trained on, on the held-out split."""
+    tmp_path, checkpoint = workdir
+    args = [
+        "--config",
+        "configs/vpl/train_tiny.yaml",
+        f"run.output_dir={tmp_path}",
+        f"clip.weights={checkpoint}",
+        "phase1.name=no_phase1_here",  # online labels: phase 1 is not read
+        "data.seg.synthetic.num_train=32",
+        f"data.seg.synthetic.num_val={NUM_VAL}",
+        "eval.data.synthetic.num_train=32",
+        f"eval.data.synthetic.num_val={NUM_VAL}",
+        "online.enabled=true",
+        "online.rfm_start=20",
+        "decoder.style=weclip",
+        "rsc.weight=0",
+        "train.max_steps=40",
+        "train.log_every=10",
+        "train.ckpt_every=40",
+        "eval.every=40",
+        "run.name=vpl_weclip",
+    ]
+    assert train_vpl.main(args) == 0
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.search_runs(
+        [client.get_experiment_by_name("wsss_ray").experiment_id],
+        filter_string="attributes.run_name = 'vpl_weclip'",
+    )[0]
+    rid = run.info.run_id
+    aff = [m.value for m in client.get_metric_history(rid, "aff_loss")]
+    rfm = [m.value for m in client.get_metric_history(rid, "online/rfm")]
+    seg = [m.value for m in client.get_metric_history(rid, "seg_loss")]
+    assert len(aff) == 4 and all(a > 0 for a in aff)  # the affinity loss is on
+    assert rfm[:2] == [0.0, 0.0] and rfm[-1] == 1.0, rfm  # RFM after step 20
+    assert seg[-1] < seg[0], seg
+    decoder_miou = run.data.metrics["val/miou"]
+    val = open_source("voc", str(tmp_path / "synthetic_voc" / "VOC2012"), "val")
+    label_miou = _online_label_miou(args[2:], val)
+    print(f"WeCLIP phase 2: decoder val mIoU {100 * decoder_miou:.1f}, online labels on val "
+          f"{100 * label_miou:.1f}")  # fmt: skip
+    assert decoder_miou > label_miou, (decoder_miou, label_miou)

@@ -139,6 +139,32 @@ def test_predict_probs_averages_scales_and_flips():
     torch.testing.assert_close(got, want)
 
 
+def test_predict_probs_weclip_protocol():
+    """WeCLIP test_msc_flip_voc.py: long side to 512 (here 40), per scale the flip-averaged
+    logits resized to the scale-1 decoder grid, averaged as logits, upsampled, softmax."""
+    from wsss_ray.tasks.vpl import predict_probs
+
+    torch.manual_seed(0)
+    dense, dec = _ToyDense(), _ToyDecoder()
+    image = torch.randn(1, 3, 15, 30)  # long side 30 -> 60: 30 x 60
+    got = predict_probs(dense, dec, image, [1.0, 0.75], True, "weclip", 60)
+    interp = torch.nn.functional.interpolate
+
+    def logits(x):
+        x = x[..., : x.shape[-2] // 4 * 4, : x.shape[-1] // 4 * 4]  # the ViT's stride cuts
+        out = dense(x)
+        return dec(out["tokens"], out["grid"])["logits"][0]
+
+    base = interp(image, size=(30, 60), mode="bilinear", align_corners=False)
+    s1 = (logits(base) + logits(base.flip(-1)).flip(-1)) / 2  # 28 x 60 seen: grid 7 x 15
+    small = interp(base, scale_factor=0.75, mode="bilinear", align_corners=False)  # 22 x 45
+    a = interp(logits(small)[None], size=(7, 15), mode="bilinear", align_corners=False)[0]
+    b = interp(logits(small.flip(-1))[None], size=(7, 15), mode="bilinear")[0].flip(-1)
+    mean = (s1 + (a + b) / 2) / 2
+    want = interp(mean[None], size=(15, 30), mode="bilinear", align_corners=False)[0].softmax(0)
+    torch.testing.assert_close(got, want)
+
+
 def test_vpl_train_config_errors_name_the_key(tmp_path):
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"x")

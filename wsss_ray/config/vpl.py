@@ -203,10 +203,43 @@ class DecoderConfig:
     heads: int = _f(8, "attention heads")
     dropout: float = _f(0.1, "dropout (transformer, before the classifier)")
     lr_mult: float = _f(10.0, "decoder learning rate = optim.lr * lr_mult (WeCLIP)")
+    style: str = _f(
+        "vpl",
+        "vpl (all blocks, GELU MLPs, LayerNorm, positional conv, nn.TransformerEncoder) | weclip "
+        "(WeCLIP's head: first L-1 blocks, ReLU MLPs, fuse + Dropout2d, CLIP QuickGELU blocks)",
+    )
 
     def check(self, key: str = "decoder") -> None:
+        need(self.style in ("vpl", "weclip"), f"{key}.style", "vpl | weclip")
         need(self.embed_dim % self.heads == 0, f"{key}.heads", "must divide decoder.embed_dim")
         need(self.depth >= 1, f"{key}.depth", "must be >= 1")
+
+
+@dataclass
+class OnlineLabelConfig:
+    """WeCLIP's phase 2: pseudo-labels made per batch by the frozen CLIP instead of read."""
+
+    enabled: bool = _f(
+        False, "labels per batch from the frozen CLIP's CAMs (WeCLIP); false = phase-1 PNGs"
+    )
+    prototypes: str = _f("text", "CAM prototypes: text (WeCLIP) | vision (phase-1 W)")
+    refine_layers: int = _f(8, "CAA: mean attention of the last N blocks (before RFM)")
+    rfm_start: int = _f(15000, "RFM from this step on (WeCLIP: VOC 15000, COCO 40000; <0 = off)")
+    rfm_layers: int = _f(6, "RFM: candidate blocks, the last N (WeCLIP: VOC 6, COCO 10)")
+    box_thresh: float = _f(-1.0, "CAA box at CAM > t * max; < 0 = dataset default (.4, COCO .7)")
+    alpha: float = _f(1.0, "background score (1 - max CAM) ** alpha")
+    par_iters: int = _f(20, "PAR refinement iterations (0 = off)")
+    par_dilations: list[int] = _f([1, 2, 4, 8, 12, 24], "PAR neighbour dilations")
+    aff_weight: float = _f(0.1, "weight of the affinity loss on the decoder's sigmoid(F^T F)")
+    aff_radius: int = _f(8, "affinity loss window (patches, Chebyshev distance)")
+
+    def check(self) -> None:
+        need(self.prototypes in ("text", "vision"), "online.prototypes", "text | vision")
+        need(self.refine_layers >= 1, "online.refine_layers", "must be >= 1")
+        need(self.rfm_layers >= 1, "online.rfm_layers", "must be >= 1")
+        need(self.par_iters >= 0, "online.par_iters", "must be >= 0")
+        need(all(d >= 1 for d in self.par_dilations), "online.par_dilations", "must be >= 1")
+        need(self.aff_weight >= 0 and self.aff_radius >= 0, "online.aff_weight", "must be >= 0")
 
 
 @dataclass
@@ -220,9 +253,17 @@ class SegInferConfig:
     scales: list[float] = _f([1.0, 0.75], "test scales, softmax averaged")
     flip: bool = _f(True, "add horizontally flipped inputs")
     crf: bool = _f(False, "dense CRF on the averaged probabilities (needs the crf extra)")
+    protocol: str = _f(
+        "ours",
+        "ours (softmax averaged at the image size) | weclip (long side to long_side, logits "
+        "averaged at the scale-1 decoder grid, as WeCLIP's test_msc_flip_voc.py)",
+    )
+    long_side: int = _f(512, "weclip protocol: the image's long side before the scales")
 
     def check(self, key: str) -> None:
         need(bool(self.scales) and all(x > 0 for x in self.scales), f"{key}.scales", "must be > 0")
+        need(self.protocol in ("ours", "weclip"), f"{key}.protocol", "ours | weclip")
+        need(self.long_side > 0, f"{key}.long_side", "must be > 0")
         if self.crf:
             crf_needed(f"{key}.crf")
 
@@ -244,19 +285,25 @@ class VPLTrainConfig(TrainJobConfig):
     data: SegTrainDataConfig = field(default_factory=SegTrainDataConfig)  # type: ignore[assignment]
     phase1: PhaseOneConfig = field(default_factory=PhaseOneConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    online: OnlineLabelConfig = field(default_factory=OnlineLabelConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
     rsc: RSCConfig = field(default_factory=RSCConfig)
     eval: SegValConfig = field(default_factory=SegValConfig)
 
     def check(self) -> None:
         super().check()
-        need(self.phase1.labels.strip() != "", "phase1.labels", "vision | text | a folder")
-        labels = pseudo_label_dir(self)
-        need(
-            os.path.isdir(labels),
-            "phase1.labels",
-            f"no pseudo-label folder {labels} (run jobs/vpl_pseudo_labels.py first)",
-        )
-        if self.rsc.weight > 0:
+        self.online.check()
+        self.prompts.check()
+        if not self.online.enabled:
+            need(self.phase1.labels.strip() != "", "phase1.labels", "vision | text | a folder")
+            labels = pseudo_label_dir(self)
+            need(
+                os.path.isdir(labels),
+                "phase1.labels",
+                f"no pseudo-label folder {labels} (run jobs/vpl_pseudo_labels.py first, or "
+                "online.enabled=true)",
+            )
+        if self.needs_prototypes():
             protos = prototypes_path(self)
             need(
                 os.path.isfile(protos),
@@ -272,6 +319,10 @@ class VPLTrainConfig(TrainJobConfig):
         self.data.seg.check("data.seg")
         if self.eval.every:
             self.eval.data.check("eval.data")
+
+    def needs_prototypes(self) -> bool:
+        """RSC and online vision-prototype CAMs read phase 1's W."""
+        return self.rsc.weight > 0 or (self.online.enabled and self.online.prototypes == "vision")
 
 
 @dataclass

@@ -93,7 +93,10 @@ class PseudoLabelDecoder:
         ):
             try:
                 image = np.asarray(Image.open(str(img_path)).convert("RGB"))
-                label = read_mask(str(lab_path))
+                # no label file (online labels): zeros, so only the crop padding reads 255
+                label = (
+                    read_mask(str(lab_path)) if lab_path else np.zeros(image.shape[:2], np.uint8)
+                )
                 classes = image_labels(read_mask(str(mask_path)))
             except Exception as err:  # a bad file: skip it, count it, keep training
                 print(f"[wsss_ray] skipping {img_path}: {err}", flush=True)
@@ -129,7 +132,7 @@ def missing_pseudo_labels(source: SegSource, label_dir: str | Path) -> list[str]
 
 def pseudo_label_dataset(
     source: SegSource,
-    label_dir: str | Path,
+    label_dir: str | Path | None,
     crop: int,
     scale_range: tuple[float, float] = (0.5, 2.0),
     hflip: bool = True,
@@ -140,10 +143,12 @@ def pseudo_label_dataset(
     skip_counter: str | None = None,
 ) -> ray.data.Dataset:
     """The phase-2 training dataset (see the module docstring). Every record must have a
-    pseudo-label PNG; a clear error names how many are missing and which job writes them."""
+    pseudo-label PNG; a clear error names how many are missing and which job writes them.
+    ``label_dir=None`` (online labels): the "label" column is 0 on the image and 255 on the
+    crop padding, nothing more."""
     import ray.data
 
-    missing = missing_pseudo_labels(source, label_dir)
+    missing = missing_pseudo_labels(source, label_dir) if label_dir is not None else []
     if missing:
         raise FileNotFoundError(
             f"{len(missing)} of {len(source.records)} images have no pseudo-label in {label_dir} "
@@ -152,7 +157,7 @@ def pseudo_label_dataset(
     items = [
         {
             "image_path": r.image,
-            "label_path": str(Path(label_dir) / f"{r.id}.png"),
+            "label_path": str(Path(label_dir) / f"{r.id}.png") if label_dir is not None else "",
             "mask_path": r.mask,
         }
         for r in source.records

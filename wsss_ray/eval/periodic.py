@@ -111,7 +111,9 @@ def decoder_validator(cfg: Any, val: dict) -> Callable[[torch.nn.Module, int, in
                     torch.from_numpy(image.copy())[None].to(device), cfg.data.mean, cfg.data.std
                 )
                 task.dense.to(device)
-                probs = predict_probs(task.dense, task.decoder, x, list(t.scales), t.flip)
+                probs = predict_probs(
+                    task.dense, task.decoder, x, list(t.scales), t.flip, t.protocol, t.long_side
+                )
                 conf += confusion_matrix(probs.argmax(0).cpu().numpy(), mask, len(names))
         finally:
             task.decoder.train(was_training)

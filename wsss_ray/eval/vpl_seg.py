@@ -66,7 +66,9 @@ class SegPredictor:
         x = normalize_images(
             torch.from_numpy(image.copy())[None].to(self.device), CLIP_MEAN, CLIP_STD
         )
-        probs = predict_probs(self.dense, self.decoder, x, list(t.scales), t.flip)
+        probs = predict_probs(
+            self.dense, self.decoder, x, list(t.scales), t.flip, t.protocol, t.long_side
+        )
         if t.crf:
             from wsss_ray.ops.crf import dense_crf
 

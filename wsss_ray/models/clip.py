@@ -191,7 +191,8 @@ class DenseCLIP(nn.Module):
     - ``image_feat``: B x D, their mean (the CLIP-ES image feature);
     - ``ln1``: B x N x C, the patch-token input of the last block's attention (its ``ln_1``
       output), a leaf of the graph to ``image_feat`` when ``cam=True`` so GradCAM can take
-      gradients with respect to it;
+      gradients with respect to it; ``ln1_parts``: the same per image (B leaves 1 x N x C),
+      for a batch whose images each need their own GradCAM;
     - ``attn``: the last ``attn_layers`` blocks' patch-to-patch attention, L x B x N x N,
       averaged over heads;
     - ``tokens`` (with ``tokens=True``, else None): every block's output patch tokens,
@@ -255,12 +256,13 @@ class DenseCLIP(nn.Module):
         x = v.ln_pre(x)
         attns, block_tokens = [], []
         first_attn = len(self.blocks) - attn_layers
-        ln1 = None
+        ln1, parts = None, []
         for i, blk in enumerate(self.blocks):
             last = i == len(self.blocks) - 1
             y = blk.ln_1(x)
-            if last and cam:
-                ln1 = y[:, 1:].detach().requires_grad_(True)
+            if last and cam:  # one leaf per image: per-image gradients of a batch
+                parts = [y[j : j + 1, 1:].detach().requires_grad_(True) for j in range(b)]
+                ln1 = parts[0] if b == 1 else torch.cat(parts)
                 y = torch.cat([y[:, :1], ln1], dim=1)
             x, weights = self._block(blk, x, y, need_attn=i >= first_attn)
             if i >= first_attn:
@@ -273,6 +275,7 @@ class DenseCLIP(nn.Module):
             "patch_feats": patch,
             "image_feat": patch.mean(1),
             "ln1": ln1,
+            "ln1_parts": parts,
             "attn": torch.stack(attns) if attns else None,
             "tokens": torch.stack(block_tokens) if tokens else None,
             "grid": (h, w),

@@ -1,4 +1,6 @@
-"""WeCLIP-style segmentation decoder over a frozen CLIP's per-block patch tokens (METHODS.md 2.3).
+"""Segmentation decoders over a frozen CLIP's per-block patch tokens (METHODS.md 2.3):
+``SegDecoder`` (``decoder.style: vpl``, described here) and ``WeCLIPDecoder`` (``decoder.style:
+weclip``, WeCLIP's own head; its docstring says how it differs).
 
 VPL's phase 2 trains only this light decoder: the CLIP image tower stays frozen, and its L blocks'
 patch tokens (all of them, not only the last) are the decoder's input, because the early blocks
@@ -113,3 +115,88 @@ class SegDecoder(nn.Module):
         x = self.transformer(x)  # B x N x E
         feat = x.transpose(1, 2).reshape(b, -1, h, w)
         return {"logits": self.classifier(self.dropout(feat)), "embed": self.proj(feat)}
+
+
+class _ClipBlock(nn.Module):
+    """A CLIP residual attention block: pre-LayerNorm attention and a QuickGELU MLP (4x)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(width)
+        self.c_fc = nn.Linear(width, 4 * width)
+        self.c_proj = nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ln_1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        h = self.c_fc(self.ln_2(x))
+        return x + self.c_proj(h * torch.sigmoid(1.702 * h))
+
+
+class WeCLIPDecoder(nn.Module):
+    """WeCLIP's decoder (``decoder.style: weclip``): the SegFormer-style head over the first
+    ``num_layers`` blocks' patch tokens (WeCLIP: 11 of ViT-B/16's 12) and a CLIP-style
+    transformer, with no positional encoding and no final norm:
+
+        per block Linear(in_dim, E) - ReLU - Linear(E, E); concat; 1x1 conv fuse; Dropout2d(0.1)
+        -> "affinity" = sigmoid(F^T F) over the grid's tokens (B x N x N; WeCLIP's attn_pred)
+        -> ``depth`` CLIP blocks (width E, ``heads`` heads, QuickGELU) -> 1x1 conv: "logits"
+        -> "embed" = 1x1 conv to joint_dim of the transformer's output (for RSC; not WeCLIP's)
+
+    ``forward`` takes the tokens of all L blocks (or of the first ``num_layers``) and uses the
+    first ``num_layers``."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_layers: int,
+        num_classes: int,
+        joint_dim: int,
+        embed_dim: int = 256,
+        depth: int = 3,
+        heads: int = 8,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        if embed_dim % heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by heads {heads}")
+        if num_layers < 1:
+            raise ValueError(f"need num_layers >= 1, got {num_layers}")
+        self.num_layers, self.num_classes = num_layers, num_classes
+        self.layer_mlps = nn.ModuleList(
+            nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU(), nn.Linear(embed_dim, embed_dim))
+            for _ in range(num_layers)
+        )
+        self.fuse = nn.Conv2d(num_layers * embed_dim, embed_dim, kernel_size=1)
+        self.dropout = nn.Dropout2d(dropout)
+        self.blocks = nn.ModuleList(_ClipBlock(embed_dim, heads) for _ in range(depth))
+        self.classifier = nn.Conv2d(embed_dim, num_classes, kernel_size=1)
+        self.proj = nn.Conv2d(embed_dim, joint_dim, kernel_size=1)
+
+    def forward(
+        self, tokens: torch.Tensor | Sequence[torch.Tensor], grid: tuple[int, int]
+    ) -> dict[str, torch.Tensor]:
+        """tokens: L x B x N x in_dim (L >= num_layers), row-major patch tokens, no class
+        token. Returns logits, embed (B x . x h x w) and affinity (B x N x N)."""
+        h, w = grid
+        if len(tokens) < self.num_layers:
+            raise ValueError(f"expected tokens of >= {self.num_layers} blocks, got {len(tokens)}")
+        per_layer = [mlp(t) for mlp, t in zip(self.layer_mlps, tokens[: self.num_layers])]
+        b, n, _ = per_layer[0].shape
+        if n != h * w:
+            raise ValueError(f"{n} tokens do not form a {h}x{w} grid")
+        x = torch.cat(per_layer, dim=-1).transpose(1, 2).reshape(b, -1, h, w)
+        fused = self.dropout(self.fuse(x))  # B x E x h x w
+        flat = fused.flatten(2)  # B x E x N
+        affinity = torch.sigmoid(flat.transpose(1, 2) @ flat)
+        x = flat.transpose(1, 2)  # B x N x E
+        for blk in self.blocks:
+            x = blk(x)
+        feat = x.transpose(1, 2).reshape(b, -1, h, w)
+        return {
+            "logits": self.classifier(feat),
+            "embed": self.proj(feat),
+            "affinity": affinity,
+        }

@@ -82,3 +82,17 @@ def caa_refine(cam: torch.Tensor, trans: torch.Tensor, box_thresh: float = 0.4) 
     v = masks * c.reshape(k, h * w)  # K x N
     refined = v @ trans.detach().to(device=c.device, dtype=torch.float32).T  # (trans @ v_k)^T
     return minmax_normalise(refined.reshape(k, h, w), (-2, -1))
+
+
+def rfm_attention(attn: torch.Tensor, seg_affinity: torch.Tensor) -> torch.Tensor:
+    """WeCLIP's refinement module (RFM): N x N attention for CAA from the CLIP blocks' patch
+    attention ``attn`` (L x N x N, the last L blocks) and the decoder's affinity (N x N). A
+    block is kept when ``sum(seg_affinity - attn_l)`` is at most the mean of that sum over the
+    L blocks; the kept blocks are averaged and multiplied elementwise by the affinity. Feed the
+    result to :func:`attention_transition`."""
+    if attn.dim() != 3 or attn.shape[1:] != seg_affinity.shape:
+        raise ValueError(f"want L x N x N attention and N x N affinity, got {attn.shape}")
+    a, s = attn.detach().float(), seg_affinity.detach().float()
+    diff = (s[None] - a).flatten(1).sum(1)  # L
+    keep = (diff <= diff.mean()).float().view(-1, 1, 1)
+    return (keep * a).sum(0) / (keep.sum(0) + 1e-5) * s
