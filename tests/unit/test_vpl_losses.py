@@ -232,6 +232,41 @@ def test_rsc_module_matches_reference_and_skips_absent_classes():
     assert met2["rsc/regions"] == met["rsc/regions"] + 1
 
 
+def test_rsc_background_as_one_class_matches_a_loop():
+    """rsc.background=one (METHODS 2.3): per image, one region per class in Y_i + background
+    (pixels whose best allowed row belongs to that class), InfoNCE over the class prototypes,
+    the background's being the normalised mean of its normalised word rows."""
+    g = torch.Generator().manual_seed(5)
+    b, h, w, d = 2, 4, 5, 6
+    row_class = torch.tensor([0, 0, 0, 1, 2, 3])
+    protos = torch.randn(6, d, generator=g)
+    feats = torch.randn(b, h * w, d, generator=g)
+    present = torch.tensor([[True, True, False, True], [True, False, True, True]])
+    embed = torch.randn(b, d, h, w, generator=g)
+    loss, met = RSCLoss(protos, row_class, 0.1, 0.07, background="one")(embed, feats, present)
+
+    wn = torch.nn.functional.normalize(protos, dim=-1)
+    bg = torch.nn.functional.normalize(wn[:3].mean(0), dim=-1)
+    cls_protos = torch.cat([bg[None], wn[3:]])  # classes 0..3
+    f = torch.nn.functional.normalize(feats, dim=-1)
+    e = embed.flatten(2).transpose(1, 2)
+    terms, hits = [], 0
+    for i in range(b):
+        allowed = [r for r in range(6) if row_class[r] == 0 or present[i, row_class[r]]]
+        scores = f[i] @ protos.T
+        best = [max(allowed, key=lambda r: float(scores[n, r])) for n in range(h * w)]
+        for c in range(4):
+            pix = [n for n in range(h * w) if row_class[best[n]] == c]
+            if not pix:
+                continue
+            r = torch.nn.functional.normalize(e[i, pix].mean(0), dim=-1)
+            logits = r @ torch.nn.functional.normalize(cls_protos, dim=-1).T / 0.1
+            terms.append(-torch.log_softmax(logits, 0)[c])
+            hits += int(logits.argmax()) == c
+    assert float(loss) == pytest.approx(float(torch.stack(terms).mean()), rel=1e-5)
+    assert met["rsc/regions"] == len(terms) and met["rsc/acc"] == pytest.approx(hits / len(terms))
+
+
 def test_rsc_absent_prototypes_stay_negatives():
     # InfoNCE is over all R rows (METHODS "sum over c'"): an absent class forms no region, but
     # its prototype is still in the denominator, so moving it changes the loss.

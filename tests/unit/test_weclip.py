@@ -171,3 +171,24 @@ def test_online_labels_rfm_and_affinity_loss_are_active(tmp_path):
     (losses["seg_loss"] + losses["aff_loss"]).backward()
     assert all(p.grad is None for p in task.dense.parameters())
     assert all(p.grad is not None for p in task.decoder.layer_mlps.parameters())
+
+
+def test_online_vision_prototypes_with_rsc_on_top(tmp_path):
+    """VPL on WeCLIP: online CAMs from phase-1 W, the affinity loss and RSC together."""
+    torch.manual_seed(1)
+    W = torch.randn(3 + 2, 128)  # 3 classes + 2 background words, the tiny CLIP's joint space
+    protos = tmp_path / "prototypes.pt"
+    torch.save({"W": W, "num_fg": 3, "tau_i": 0.07}, protos)
+    task = _online_task(
+        tmp_path,
+        **{"online.prototypes": "vision", "rsc.weight": 0.1, "phase1.prototypes": str(protos)},
+    )
+    assert task.labeler.tau == 0.07 and task.rsc is not None and task.rsc.background == "one"
+    images = torch.randn(2, 3, 32, 32)
+    batch = {
+        "image": images,
+        "label": torch.zeros(2, 32, 32, dtype=torch.long),
+        "present": torch.tensor([[1, 1, 0, 1], [1, 0, 1, 0]], dtype=torch.uint8),
+    }
+    losses, metrics = task.training_forward(batch)
+    assert set(losses) == {"seg_loss", "aff_loss", "rsc_loss"} and metrics["rsc/regions"] > 0

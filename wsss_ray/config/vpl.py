@@ -246,6 +246,11 @@ class OnlineLabelConfig:
 class RSCConfig:
     weight: float = _f(0.1, "lambda_rsc: total = L_seg + weight * L_RSC (0 = no RSC)")
     tau: float = _f(0.1, "InfoNCE temperature tau_r over the prototypes")
+    background: str = _f(
+        "one",
+        "one (all background words one region and one prototype, METHODS 2.3) | words (a region "
+        "per background word)",
+    )
 
 
 @dataclass
@@ -311,6 +316,7 @@ class VPLTrainConfig(TrainJobConfig):
                 f"no prototypes file {protos} (run jobs/vpl_prototypes.py, or rsc.weight=0)",
             )
         need(self.rsc.tau > 0, "rsc.tau", "must be > 0")
+        need(self.rsc.background in ("one", "words"), "rsc.background", "one | words")
         need(self.decoder.lr_mult > 0, "decoder.lr_mult", "must be > 0")
         need(self.eval.every >= 0, "eval.every", "must be >= 0")
         self.decoder.check()

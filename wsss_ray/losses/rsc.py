@@ -7,9 +7,12 @@ embedding, the masked average of the decoder's joint-space feature map, is then 
 its own prototype and pushed from all the others by an InfoNCE over the R prototypes.
 
 Prototype rows: one per foreground class plus several background-word rows. ``row_class`` (R)
-gives each row's label class: 0 for every background row, 1..K-1 for the foreground rows. A
-region is formed per *row*, so background words are separate regions and compete with each
-other as they do in phase 1's softmax.
+gives each row's label class: 0 for every background row, 1..K-1 for the foreground rows.
+``background="one"`` (the default, METHODS 2.3: a region per class in Y_i + background) merges
+the background rows: pixels assigned to any background word form one background region, whose
+prototype is the normalised mean of the normalised background rows; the InfoNCE is then over
+the K class prototypes. ``background="words"`` forms a region per *row*, so background words are
+separate regions and compete with each other as they do in phase 1's softmax.
 
 Absent classes never form a region (their rows are masked out of the assignment), but their
 prototypes remain negatives in the InfoNCE denominator, which is over all R rows as in METHODS
@@ -103,6 +106,8 @@ class RSCLoss(nn.Module):
         row_class: R long, each row's class (0 = background).
         tau_r: InfoNCE temperature (METHODS 0.1).
         tau_i: temperature of the prototype prediction p_ik (phase 1's tau_I, 0.07).
+        background: ``words`` (a region per row) | ``one`` (one background class; see the
+            module docstring). ``rsc.background`` in the config, ``one`` by default there.
     """
 
     def __init__(
@@ -111,6 +116,7 @@ class RSCLoss(nn.Module):
         row_class: torch.Tensor,
         tau_r: float = 0.1,
         tau_i: float = 0.07,
+        background: str = "words",
     ):
         super().__init__()
         if prototypes.dim() != 2 or row_class.shape != (prototypes.shape[0],):
@@ -118,13 +124,25 @@ class RSCLoss(nn.Module):
                 f"prototypes must be R x D and row_class R, got {tuple(prototypes.shape)} "
                 f"and {tuple(row_class.shape)}"
             )
+        if background not in ("words", "one"):
+            raise ValueError(f"background: words | one, got {background!r}")
         self.register_buffer("prototypes", prototypes.detach().clone().float())
         self.register_buffer("row_class", row_class.detach().clone().long())
-        self.tau_r, self.tau_i = tau_r, tau_i
+        self.tau_r, self.tau_i, self.background = tau_r, tau_i, background
+        if background == "one":
+            k = int(row_class.max()) + 1
+            onehot = F.one_hot(row_class.long(), k).float()  # R x K
+            w = F.normalize(prototypes.detach().float(), dim=-1)
+            per_class = F.normalize((onehot.t() @ w) / onehot.sum(0).clamp_min(1)[:, None], dim=-1)
+            self.register_buffer("row_to_class", onehot)
+            self.register_buffer("class_prototypes", per_class)
 
     def forward(
         self, embed: torch.Tensor, clip_feats: torch.Tensor, present: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """embed: B x D x h x w (or B x N x D); clip_feats: B x N x D; present: B x K bool."""
         masks = region_masks(clip_feats, self.prototypes, self.row_class, present, self.tau_i)
+        if self.background == "one":  # B x R x N -> B x K x N: rows of one class merge
+            merged = torch.einsum("brn,rk->bkn", masks.float(), self.row_to_class) > 0
+            return rsc_loss(embed, merged, self.class_prototypes, self.tau_r)
         return rsc_loss(embed, masks, self.prototypes, self.tau_r)

@@ -90,9 +90,8 @@ class VPLSegTask(Task):
         saved = _phase1_prototypes(cfg, num_classes) if cfg.needs_prototypes() else None
         if self.rsc_weight > 0:
             W = saved["W"].float()
-            self.rsc = RSCLoss(
-                W, row_classes(saved["num_fg"], W.shape[0]), cfg.rsc.tau, float(saved["tau_i"])
-            )
+            rows = row_classes(saved["num_fg"], W.shape[0])
+            self.rsc = RSCLoss(W, rows, cfg.rsc.tau, float(saved["tau_i"]), cfg.rsc.background)
         self.labeler = None
         if cfg.online.enabled:
             self._build_labeler(num_classes, class_names, dataset, saved)
