@@ -36,7 +36,37 @@ import torch
 from torch import nn
 
 
-class SegDecoder(nn.Module):
+class _BlockFusion(nn.Module):
+    """Both decoders' front: one MLP per CLIP block to ``embed_dim`` (``act`` between its two
+    linears), the blocks concatenated and fused by a 1x1 convolution."""
+
+    def __init__(
+        self, in_dim: int, num_layers: int, embed_dim: int, heads: int, act: type[nn.Module]
+    ):
+        super().__init__()
+        if embed_dim % heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by heads {heads}")
+        if num_layers < 1:
+            raise ValueError(f"need num_layers >= 1, got {num_layers}")
+        self.num_layers = num_layers
+        self.layer_mlps = nn.ModuleList(
+            nn.Sequential(nn.Linear(in_dim, embed_dim), act(), nn.Linear(embed_dim, embed_dim))
+            for _ in range(num_layers)
+        )
+        self.fuse = nn.Conv2d(num_layers * embed_dim, embed_dim, kernel_size=1)
+
+    def fused(self, tokens, grid: tuple[int, int]) -> torch.Tensor:
+        """B x E x h x w from the first ``num_layers`` blocks' tokens (each B x N x in_dim)."""
+        h, w = grid
+        per_layer = [mlp(t) for mlp, t in zip(self.layer_mlps, tokens[: self.num_layers])]
+        b, n, _ = per_layer[0].shape
+        if n != h * w:
+            raise ValueError(f"{n} tokens do not form a {h}x{w} grid")
+        x = torch.cat(per_layer, dim=-1).transpose(1, 2).reshape(b, -1, h, w)
+        return self.fuse(x)
+
+
+class SegDecoder(_BlockFusion):
     """Segmentation head over the patch tokens of all L blocks of a frozen CLIP ViT.
 
     Args:
@@ -61,17 +91,10 @@ class SegDecoder(nn.Module):
         heads: int = 8,
         dropout: float = 0.1,
     ):
-        super().__init__()
-        if embed_dim % heads:
-            raise ValueError(f"embed_dim {embed_dim} is not divisible by heads {heads}")
-        if num_layers < 1 or depth < 0:
-            raise ValueError(f"need num_layers >= 1 and depth >= 0, got {num_layers}, {depth}")
-        self.num_layers, self.num_classes = num_layers, num_classes
-        self.layer_mlps = nn.ModuleList(
-            nn.Sequential(nn.Linear(in_dim, embed_dim), nn.GELU(), nn.Linear(embed_dim, embed_dim))
-            for _ in range(num_layers)
-        )
-        self.fuse = nn.Conv2d(num_layers * embed_dim, embed_dim, kernel_size=1)
+        if depth < 0:
+            raise ValueError(f"need depth >= 0, got {depth}")
+        super().__init__(in_dim, num_layers, embed_dim, heads, nn.GELU)
+        self.num_classes = num_classes
         self.fuse_norm = nn.LayerNorm(embed_dim)
         self.act = nn.GELU()
         self.pos_conv = nn.Conv2d(embed_dim, embed_dim, 3, padding=1, groups=embed_dim)
@@ -102,13 +125,9 @@ class SegDecoder(nn.Module):
         h, w = grid
         if len(tokens) != self.num_layers:
             raise ValueError(f"expected tokens of {self.num_layers} blocks, got {len(tokens)}")
-        per_layer = [mlp(t) for mlp, t in zip(self.layer_mlps, tokens)]  # L x (B x N x E)
-        b, n, _ = per_layer[0].shape
-        if n != h * w:
-            raise ValueError(f"{n} tokens do not form a {h}x{w} grid")
-        x = torch.cat(per_layer, dim=-1)  # B x N x L*E
-        x = x.transpose(1, 2).reshape(b, -1, h, w)
-        x = self.fuse(x).flatten(2).transpose(1, 2)  # B x N x E
+        x = self.fused(tokens, grid)
+        b = x.shape[0]
+        x = x.flatten(2).transpose(1, 2)  # B x N x E
         x = self.act(self.fuse_norm(x))
         img = x.transpose(1, 2).reshape(b, -1, h, w)
         x = x + self.pos_conv(img).flatten(2).transpose(1, 2)
@@ -135,7 +154,7 @@ class _ClipBlock(nn.Module):
         return x + self.c_proj(h * torch.sigmoid(1.702 * h))
 
 
-class WeCLIPDecoder(nn.Module):
+class WeCLIPDecoder(_BlockFusion):
     """WeCLIP's decoder (``decoder.style: weclip``): the SegFormer-style head over the first
     ``num_layers`` blocks' patch tokens (WeCLIP: 11 of ViT-B/16's 12) and a CLIP-style
     transformer, with no positional encoding and no final norm:
@@ -159,17 +178,8 @@ class WeCLIPDecoder(nn.Module):
         heads: int = 8,
         dropout: float = 0.1,
     ):
-        super().__init__()
-        if embed_dim % heads:
-            raise ValueError(f"embed_dim {embed_dim} is not divisible by heads {heads}")
-        if num_layers < 1:
-            raise ValueError(f"need num_layers >= 1, got {num_layers}")
-        self.num_layers, self.num_classes = num_layers, num_classes
-        self.layer_mlps = nn.ModuleList(
-            nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU(), nn.Linear(embed_dim, embed_dim))
-            for _ in range(num_layers)
-        )
-        self.fuse = nn.Conv2d(num_layers * embed_dim, embed_dim, kernel_size=1)
+        super().__init__(in_dim, num_layers, embed_dim, heads, nn.ReLU)
+        self.num_classes = num_classes
         self.dropout = nn.Dropout2d(dropout)
         self.blocks = nn.ModuleList(_ClipBlock(embed_dim, heads) for _ in range(depth))
         self.classifier = nn.Conv2d(embed_dim, num_classes, kernel_size=1)
@@ -183,12 +193,8 @@ class WeCLIPDecoder(nn.Module):
         h, w = grid
         if len(tokens) < self.num_layers:
             raise ValueError(f"expected tokens of >= {self.num_layers} blocks, got {len(tokens)}")
-        per_layer = [mlp(t) for mlp, t in zip(self.layer_mlps, tokens[: self.num_layers])]
-        b, n, _ = per_layer[0].shape
-        if n != h * w:
-            raise ValueError(f"{n} tokens do not form a {h}x{w} grid")
-        x = torch.cat(per_layer, dim=-1).transpose(1, 2).reshape(b, -1, h, w)
-        fused = self.dropout(self.fuse(x))  # B x E x h x w
+        fused = self.dropout(self.fused(tokens, grid))  # B x E x h x w
+        b = fused.shape[0]
         flat = fused.flatten(2)  # B x E x N
         affinity = torch.sigmoid(flat.transpose(1, 2) @ flat)
         x = flat.transpose(1, 2)  # B x N x E
