@@ -5,6 +5,7 @@ each against a baseline measured in the same run (interleaved repeats, medians a
   python jobs/benchmark.py npr   --out outputs/bench/npr.json    # EM + Hungarian + L_PG vs step
   python jobs/benchmark.py train --out outputs/bench/train.json  # step breakdown (+ MFU on GPU)
   python jobs/benchmark.py eval  --out outputs/bench/eval.json   # zero-shot + pseudo-labels
+  python jobs/benchmark.py serve --out outputs/bench/serve.json  # Ray Serve vs in-process
 
 The defaults finish in a few minutes each on a 2-core CPU; flags scale them up on a GPU node:
 
@@ -218,6 +219,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data-dir", default=e.data_dir)
     _common(p, e.repeats, e.warmup)
+
+    from wsss_ray.bench.serve import ServeBenchConfig
+
+    v = ServeBenchConfig()
+    p = sub.add_parser(
+        "serve",
+        help="requests/s and p50/p99 latency of the Ray Serve app vs the Segmenter in-process",
+        description="POST /segment on 127.0.0.1 under a bounded concurrent load (one replica, "
+        "dynamic batching) vs Segmenter.predict called directly in this process.",
+    )
+    p.add_argument("--size", default=v.size, choices=["tiny_seg", "tiny", "vit_s"])
+    p.add_argument("--image-size", type=int, default=v.image_size, help="JPEG side (px)")
+    p.add_argument("--requests", type=int, default=v.requests, help="requests per round")
+    p.add_argument("--concurrency", type=int, default=v.concurrency, help="clients at once")
+    p.add_argument("--max-batch-size", type=int, default=v.max_batch_size)
+    _common(p, v.repeats, v.warmup)
     return parser
 
 
@@ -242,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         from wsss_ray.bench.train import TrainBenchConfig, run
 
         report = run(_fill(TrainBenchConfig, args), args.out)
+    elif args.command == "serve":
+        from wsss_ray.bench.serve import ServeBenchConfig, run
+
+        report = run(_fill(ServeBenchConfig, args), args.out)
     else:
         from wsss_ray.bench.eval import EvalBenchConfig, run
 

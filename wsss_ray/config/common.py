@@ -175,6 +175,10 @@ class TrackingConfig:
     enabled: bool = _f(True, "log to MLflow")
     uri: str = _f("", "tracking URI; '' = sqlite:///<output_dir>/mlflow.db; env overrides")
     experiment: str = _f("wsss_ray", "MLflow experiment name")
+    log_model: bool = _f(
+        True, "training jobs: log the final model as an MLflow model (pyfunc; PGSeg and VPL)"
+    )
+    register_as: str = _f("", "also register that model under this name ('' = do not)")
 
 
 @dataclass

@@ -59,6 +59,9 @@ class TaskSpec:
     validator: Hook = None
     #: ``(model, class_names, cfg-like, ...) -> segmenter``: inference on images
     segmenter: Hook = None
+    #: ``(checkpoint, config_file) -> Segmenter``: the trained model for use on images (the
+    #: training job logs it as the run's MLflow model)
+    package: Hook = None
     #: ``(cfg) -> None``: a Tune trial's fix-ups before its run (paths made absolute, ...)
     trial_setup: Hook = None
     #: the job that runs it (and accepts a sweep's exported best config)
@@ -102,6 +105,7 @@ TABLE: dict[str, TaskSpec] = {
         tokenizer="wsss_ray.tasks.pgseg:tokenizer_spec",
         validator="wsss_ray.eval.periodic:zero_shot_validator",
         segmenter="wsss_ray.eval.pgseg:segmenter_for",
+        package="wsss_ray.inference.segmenter:segmenter_from_run",
         job="jobs/pretrain_pgseg.py",
         sweep=True,
     ),
@@ -114,6 +118,7 @@ TABLE: dict[str, TaskSpec] = {
         datasets="wsss_ray.tasks.vpl:datasets",
         validator="wsss_ray.eval.periodic:decoder_validator",
         segmenter="wsss_ray.eval.vpl_seg:SegPredictor",
+        package="wsss_ray.inference.segmenter:segmenter_from_run",
         trial_setup="wsss_ray.tasks.vpl:trial_setup",
         job="jobs/train_vpl.py",
         sweep=True,

@@ -155,8 +155,38 @@ def run(cfg: TrainJobConfig) -> RunSummary:
     if ckpt:
         tracker.set_tag("checkpoint/final", ckpt)
     metrics = dict(result.metrics or {})
+    if ckpt and tracker.run_id and cfg.tracking.log_model and not metrics.get("stopped_nonfinite"):
+        log_final_model(cfg, setup, tracker.run_id, ckpt)
     tracker.finish("FAILED" if metrics.get("stopped_nonfinite") else "FINISHED")
     return RunSummary(metrics, ckpt, setup.uri, tracker.run_id, str(setup.out))
+
+
+def log_final_model(cfg: TrainJobConfig, setup: TrainSetup, run_id: str, ckpt: str) -> None:
+    """The run's final model as an MLflow model (the task's ``package`` hook; registered as
+    ``tracking.register_as`` when set). A failure here is printed, never fatal: the run and its
+    checkpoints are complete without it."""
+    from wsss_ray.tasks.registry import spec_for
+
+    spec = spec_for(cfg)
+    if not spec.has("package") or not os.path.exists(ckpt):
+        return
+    try:
+        import mlflow
+
+        from wsss_ray.inference.mlflow_model import log_segmenter
+
+        seg = spec.hook("package")(ckpt, str(setup.config_file))
+        mlflow.set_tracking_uri(setup.uri)
+        with mlflow.start_run(run_id=run_id):
+            info = log_segmenter(seg, "model", cfg.tracking.register_as or None)
+        name = cfg.tracking.register_as
+        print(
+            f"[wsss_ray] MLflow model: {info.model_uri}"
+            + (f" (registered as models:/{name})" if name else ""),
+            flush=True,
+        )
+    except Exception as err:  # noqa: BLE001 - the run itself is done and saved
+        print(f"[wsss_ray] the MLflow model was not logged: {err}", flush=True)
 
 
 def print_summary(summary: RunSummary) -> None:
