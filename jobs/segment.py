@@ -6,7 +6,8 @@
   python jobs/segment.py --checkpoint models:/pgseg/1 --classes "cat,dog,sky" \\
       --input a.jpg b.png "shots/*.jpg" shards/shapes-000000.tar --out masks/
 
-Inputs: folders (recursive), image files, globs, WebDataset .tar shards. Per image <key> (its
+Inputs: folders (recursive), image files, globs, WebDataset .tar shards, object-store prefixes
+(s3://bucket/photos/, gs://..., through pyarrow). Per image <key> (its
 path under the input folder without the extension) it writes <out>/<key>.png (palette PNG of
 the class indices), <out>/<key>_overlay.jpg (mask blended in, with a legend) and
 <out>/<key>.json (classes, area of each, size). Images already done are skipped, so a rerun
@@ -29,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--checkpoint", required=True, help="run folder, checkpoint, package or URI")
     p.add_argument("--classes", default="", help="comma-separated class names (PGSeg)")
-    p.add_argument("--input", nargs="+", required=True, help="folders, files, globs, .tar shards")
+    p.add_argument(
+        "--input", nargs="+", required=True, help="folders, files, globs, .tar shards, s3://..."
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--config", default=None, help="the run's config.yaml, if not found beside it")
     p.add_argument("--size", default="", help="model size of a released GroupViT / PGSeg .pth")

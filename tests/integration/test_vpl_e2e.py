@@ -252,3 +252,17 @@ def test_weclip_phase2_online_labels_rfm_affinity(workdir):
     print(f"WeCLIP phase 2: decoder val mIoU {100 * decoder_miou:.1f}, online labels on val "
           f"{100 * label_miou:.1f}")  # fmt: skip
     assert decoder_miou > label_miou, (decoder_miou, label_miou)
+
+    # the trained VPL model as a Segmenter: its own classes, masks of each image's size
+    from PIL import Image
+
+    from wsss_ray import Segmenter
+
+    seg = Segmenter.from_checkpoint(tmp_path / "ray_results" / "vpl_weclip")
+    assert seg.kind == "vpl" and seg.class_names == val.class_names[1:]
+    image = np.asarray(Image.open(val.records[0].image).convert("RGB"))
+    result = seg.predict([image, image[:40, :56]])
+    assert [r.mask.shape for r in result] == [image.shape[:2], (40, 56)]
+    assert int(result[0].mask.max()) < len(val.class_names)
+    with pytest.raises(ValueError, match="trained on"):
+        seg.predict([image], ["cat", "dog"])

@@ -26,7 +26,9 @@ def list_inputs(inputs: list[str]) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
     for entry in inputs:
         p = Path(entry)
-        if p.is_dir():
+        if "://" in entry:  # an object-store prefix (s3://, gs://, ...; file:// too)
+            rows += _list_uri(entry)
+        elif p.is_dir():
             for f in sorted(p.rglob("*")):
                 if f.suffix.lower() in IMAGE_EXTS and f.is_file():
                     key = str(f.relative_to(p).with_suffix(""))
@@ -51,6 +53,30 @@ def list_inputs(inputs: list[str]) -> list[dict[str, str]]:
     return rows
 
 
+def _list_uri(uri: str) -> list[dict[str, str]]:
+    """The images under an object-store prefix, through pyarrow's filesystems (credentials
+    as pyarrow reads them: the environment, instance roles)."""
+    from pyarrow import fs
+
+    filesystem, root = fs.FileSystem.from_uri(uri)
+    scheme = uri.split("://", 1)[0]
+    info = filesystem.get_file_info(root)
+    if info.type == fs.FileType.NotFound:
+        raise FileNotFoundError(f"input not found: {uri}")
+    if info.type == fs.FileType.File:
+        files = [info]
+    else:
+        files = filesystem.get_file_info(fs.FileSelector(root, recursive=True))
+    rows = []
+    for f in sorted(files, key=lambda i: i.path):
+        if f.type == fs.FileType.File and Path(f.path).suffix.lower() in IMAGE_EXTS:
+            rel = Path(f.path).relative_to(root) if f.path != root else Path(Path(f.path).name)
+            rows.append(
+                {"key": str(rel.with_suffix("")), "path": f"{scheme}://{f.path}", "member": ""}
+            )
+    return rows
+
+
 def outputs(out: str | Path, key: str) -> tuple[Path, Path, Path]:
     base = Path(out) / key
     return (
@@ -71,6 +97,12 @@ def read_bytes(row: dict[str, Any]) -> bytes:
             if f is None:
                 raise OSError(f"{row['member']} is not a file in {row['path']}")
             return f.read()
+    if "://" in row["path"]:
+        from pyarrow import fs
+
+        filesystem, path = fs.FileSystem.from_uri(row["path"])
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read()
     return Path(row["path"]).read_bytes()
 
 
