@@ -9,8 +9,10 @@ artifacts in ``<output_dir>/mlartifacts``;
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,31 @@ def tracking_uri(cfg_uri: str, output_dir: str) -> str:
     if cfg_uri:
         return cfg_uri
     return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+
+
+@contextlib.contextmanager
+def using_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (``mlflow.start_run``, ``log_model``, ``models:/`` URIs) pointed at
+    ``uri`` inside the block only. ``mlflow.set_tracking_uri`` also sets the
+    ``MLFLOW_TRACKING_URI`` environment variable, which :func:`tracking_uri` reads first: left
+    behind, it would send every later run of the process to this store."""
+    import mlflow
+
+    prev_env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        if prev_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = prev_env
+        try:  # back to "not set" (the env var, then the default), not to a pinned value
+            import mlflow.tracking._tracking_service.utils as tracking_utils
+
+            tracking_utils._tracking_uri = None
+        except (ImportError, AttributeError):  # pragma: no cover - another MLflow layout
+            mlflow.set_tracking_uri(prev_env or "")
 
 
 class Tracker:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import socket
 import struct
 import zlib
@@ -38,8 +39,12 @@ def trained(ray_local, tmp_path_factory):
             "tracking.register_as=pgseg_tiny",
         ],
     )
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     summary = run(cfg)
     assert summary.metrics["step"] == 8
+    # logging the model left the process's MLflow settings as they were: a later run in this
+    # process must not be sent to this run's store
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before
     return tmp, summary
 
 
@@ -75,9 +80,16 @@ def test_mlflow_model_round_trip(trained):
     import pandas as pd
 
     from wsss_ray import Segmenter
+    from wsss_ray.tracking import using_tracking_uri
 
     tmp, summary = trained
-    mlflow.set_tracking_uri(summary.tracking_uri)
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    with using_tracking_uri(summary.tracking_uri):
+        _round_trip(tmp, mlflow, pd, Segmenter)
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before
+
+
+def _round_trip(tmp, mlflow, pd, Segmenter):
     model = mlflow.pyfunc.load_model("models:/pgseg_tiny/1")
     images = _images()
     payload = []

@@ -5,6 +5,7 @@ outputs, and clear errors for inputs that match nothing or collide."""
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 
 import numpy as np
@@ -52,3 +53,22 @@ def test_done_means_all_three_outputs(tmp_path):
     assert not is_done(tmp_path, "sub/x")
     js.write_text("{}")
     assert is_done(tmp_path, "sub/x")
+
+
+def test_using_tracking_uri_leaves_the_process_as_it_was(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI, which wsss_ray.tracking reads
+    first: the training driver's model logging must not leave it behind."""
+    import mlflow
+
+    from wsss_ray.tracking import tracking_uri, using_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = f"sqlite:///{tmp_path}/a.db"
+    with using_tracking_uri(store):
+        assert mlflow.get_tracking_uri() == store
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert tracking_uri("", str(tmp_path / "b")).endswith("b/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///kept.db")
+    with using_tracking_uri(store):
+        pass
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///kept.db"

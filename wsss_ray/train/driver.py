@@ -174,10 +174,10 @@ def log_final_model(cfg: TrainJobConfig, setup: TrainSetup, run_id: str, ckpt: s
         import mlflow
 
         from wsss_ray.inference.mlflow_model import log_segmenter
+        from wsss_ray.tracking import using_tracking_uri
 
         seg = spec.hook("package")(ckpt, str(setup.config_file))
-        mlflow.set_tracking_uri(setup.uri)
-        with mlflow.start_run(run_id=run_id):
+        with using_tracking_uri(setup.uri), mlflow.start_run(run_id=run_id):
             info = log_segmenter(seg, "model", cfg.tracking.register_as or None)
         name = cfg.tracking.register_as
         print(
