@@ -83,6 +83,7 @@ def _probe():
 def _run(a, todo, names, kwargs) -> list[tuple[str, str]]:
     import ray
 
+    from wsss_ray.eval.collect import progress
     from wsss_ray.inference.batch import SegmentActor
     from wsss_ray.runtime import cluster_has_gpus, start_ray
 
@@ -104,10 +105,7 @@ def _run(a, todo, names, kwargs) -> list[tuple[str, str]]:
             done += 1
             if status != "ok":
                 failed.append((str(key), str(status)))
-        if done / len(todo) >= next_print or done == len(todo):
-            rate = done / max(time.perf_counter() - t0, 1e-9)
-            print(f"[wsss_ray] segment {done}/{len(todo)} images ({rate:.1f} images/s)", flush=True)
-            next_print = done / len(todo) + 0.1
+        next_print = progress("segment", done, len(todo), t0, next_print)
     print(
         f"[wsss_ray] done: {done - len(failed)} segmented, {len(failed)} skipped -> {a.out}",
         flush=True,

@@ -86,6 +86,16 @@ def predicted(source: Any, predictor: type, args: tuple, inf: Any, ray_cpus: int
     )
 
 
+def progress(label: str, done: int, total: int, t0: float, next_at: float) -> float:
+    """Print ``done/total images (rate)`` when another 10% is done (or all); returns the next
+    fraction to print at."""
+    if done / max(total, 1) >= next_at or done == total:
+        rate = done / max(time.perf_counter() - t0, 1e-9)
+        print(f"[wsss_ray] {label} {done}/{total} images ({rate:.1f} images/s)", flush=True)
+        return done / max(total, 1) + 0.1
+    return next_at
+
+
 def collect(ds: Any, num_images: int, shape: tuple[int, ...], label: str = "eval"):
     """Stream ``ds`` (rows of :func:`pack_rows`), summing the matrices, printing progress every
     10%. Returns (summed confusion, images done, {id: overlay PNG}, seconds)."""
@@ -98,12 +108,7 @@ def collect(ds: Any, num_images: int, shape: tuple[int, ...], label: str = "eval
         for key, png in zip(batch["overlay_id"], batch["overlay"]):
             if key:
                 overlays[str(key)] = bytes(png)
-        if done / max(num_images, 1) >= next_print or done == num_images:
-            rate = done / max(time.perf_counter() - t0, 1e-9)
-            print(
-                f"[wsss_ray] {label} {done}/{num_images} images ({rate:.1f} images/s)", flush=True
-            )
-            next_print = done / max(num_images, 1) + 0.1
+        next_print = progress(label, done, num_images, t0, next_print)
     return total, done, overlays, time.perf_counter() - t0
 
 

@@ -98,7 +98,6 @@ class Segmenter:
         self.kind = kind
         self.spec = spec
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self._weights = weights
         if kind == "pgseg":
             from wsss_ray.models.pgseg import load_for_inference
 
@@ -196,9 +195,13 @@ class Segmenter:
         ``decoder.pt`` and ``clip.pt`` for VPL)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        for name, state in self._weights.items():
+        if self.kind == "pgseg":
+            weights = {"model": self.model.state_dict()}
+        else:
+            weights = {"clip": self.dense.clip.state_dict(), "decoder": self.decoder.state_dict()}
+        for name, state in weights.items():
             torch.save({k: v.detach().cpu() for k, v in state.items()}, folder / f"{name}.pt")
-        doc = {"kind": self.kind, "spec": self.spec, "weights": sorted(self._weights)}
+        doc = {"kind": self.kind, "spec": self.spec, "weights": sorted(weights)}
         (folder / PACKAGE_FILE).write_text(json.dumps(doc, indent=2))
         return folder
 
