@@ -15,6 +15,8 @@ from wsss_ray.config import (
     reference,
     to_flat_dict,
 )
+from wsss_ray.config.loading import to_yaml
+from wsss_ray.tasks.image_text import train_shards
 
 
 def test_yaml_and_overrides_merge(tmp_path):
@@ -70,7 +72,25 @@ def test_shipped_configs_load(tmp_path):
     (tmp_path / "a.tar").write_bytes(b"")
     for path in ("configs/clip/tiny.yaml", "configs/clip/vit_b16.yaml"):
         cfg = load_config(ClipPretrainConfig, path, [f"data.train_shards=[{tmp_path}]"])
-        assert cfg.data.train_shards == [str(tmp_path / "a.tar")]
+        assert cfg.data.train_shards == [str(tmp_path)]  # the source as given ...
+        assert train_shards(cfg) == [str(tmp_path / "a.tar")]  # ... expanded on use
+
+
+def test_a_shard_folder_stays_one_entry_in_the_config(tmp_path):
+    """30,000 shards in a folder: the config (written to config.yaml, pickled to every worker,
+    logged to MLflow) holds the folder, the expansion holds the paths."""
+    for i in range(3000):
+        (tmp_path / f"{i:06d}.tar").write_bytes(b"")
+    cfg = load_config(
+        ClipPretrainConfig, "configs/clip/tiny.yaml", [f"data.train_shards=[{tmp_path}]"]
+    )
+    assert cfg.data.train_shards == [str(tmp_path)]
+    assert len(to_yaml(cfg)) < 5000
+    assert train_shards(cfg) == sorted(str(p) for p in tmp_path.glob("*.tar"))
+    glob_cfg = load_config(
+        ClipPretrainConfig, "configs/clip/tiny.yaml", [f"data.train_shards=[{tmp_path}/00001*.tar]"]
+    )
+    assert len(train_shards(glob_cfg)) == 10
 
 
 def test_every_shipped_config_has_only_known_keys():

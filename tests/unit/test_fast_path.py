@@ -226,7 +226,10 @@ def _decoder(on_worker: bool):
     return ImageTextDecoder("ViT-B-16", 64, (0.3, 1.0), True, seed=7, decode_on_worker=on_worker)
 
 
-def test_worker_decode_matches_the_decode_actors():
+@pytest.mark.parametrize("method", ["loop", "roi_align"])
+def test_worker_decode_matches_the_decode_actors(method):
+    """Both crop methods of the train-worker decode (``roi_align`` is CUDA's default) give the
+    actors' crops of the same boxes, within JPEG decoders' tolerance."""
     from wsss_ray.data.webdataset import decode_crop_batch
 
     rows = _rows()
@@ -237,7 +240,7 @@ def test_worker_decode_matches_the_decode_actors():
     assert parsed["flip"].any() and not parsed["flip"].all()  # both branches exercised
     jpegs = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in parsed["jpeg"]]
     images = decode_crop_batch(
-        jpegs, torch.from_numpy(parsed["crop"]), torch.from_numpy(parsed["flip"]), 64, "cpu"
+        jpegs, torch.from_numpy(parsed["crop"]), torch.from_numpy(parsed["flip"]), 64, "cpu", method
     )
     ref = torch.from_numpy(actor["image"])
     assert images.shape == ref.shape == (6, 64, 64, 3) and images.dtype == torch.uint8
@@ -281,6 +284,12 @@ def test_decode_device_config_checks():
         PGSegPretrainConfig, TINY, ["data.decode_device=cuda", "scaling.use_gpu=true"]
     )
     assert gpu.data.decode_device == "cuda"
+    # auto (the default): the GPU decodes on GPU nodes, the actors on CPU ones
+    assert load_config(PGSegPretrainConfig, TINY, ["scaling.use_gpu=true"]).data.decode_device == (
+        "cuda"
+    )
+    cpu = load_config(PGSegPretrainConfig, TINY, ["scaling.use_gpu=true", "data.decode_device=cpu"])
+    assert cpu.data.decode_device == "cpu"  # the CPU path stays, by choice
 
 
 # ------------------------------------------------------------------- 5: the decode actors

@@ -52,7 +52,9 @@ class DataConfig(DecodeConfig):
     image_size: int = _f(224, "training crop side")
     crop_scale: list[float] = _f([0.08, 1.0], "RandomResizedCrop area range")
     decode_device: str = _f(
-        "cpu", "cpu (decode actors decode) | cuda (actors parse, train workers decode on GPU)"
+        "auto",
+        "auto (cuda when scaling.use_gpu, else cpu) | cpu (decode actors decode) | "
+        "cuda (actors parse, train workers decode on GPU)",
     )
     reader: str = _f(
         "fused",
@@ -67,7 +69,11 @@ class DataConfig(DecodeConfig):
 
     def check(self, use_gpu: bool) -> None:
         self.check_decode()
-        need(self.decode_device in ("cpu", "cuda"), "data.decode_device", "cpu | cuda")
+        need(
+            self.decode_device in ("auto", "cpu", "cuda"), "data.decode_device", "auto | cpu | cuda"
+        )
+        if self.decode_device == "auto":
+            self.decode_device = "cuda" if use_gpu else "cpu"
         need(self.reader in ("fused", "read_webdataset"), "data.reader", "fused | read_webdataset")
         need(self.passes_per_execution >= 1, "data.passes_per_execution", "must be >= 1")
         need(
@@ -83,7 +89,7 @@ class DataConfig(DecodeConfig):
         need(len(self.crop_scale) == 2, "data.crop_scale", "needs two numbers (min, max)")
         lo_hi = self.crop_scale
         need(0 < lo_hi[0] <= lo_hi[1] <= 1, "data.crop_scale", "0 < min <= max <= 1")
-        self.train_shards = expand_paths("data.train_shards", self.train_shards)
+        check_paths("data.train_shards", self.train_shards)  # kept as given: expanded on use
 
 
 @dataclass
@@ -236,12 +242,28 @@ def check_pretrained(path: str, folder_ok: bool = False) -> None:
         )
 
 
+def _is_remote(entry: str) -> bool:
+    return entry.startswith(("s3://", "gs://", "gcs://", "abfs://"))
+
+
+def check_paths(key: str, entries: list[str]) -> None:
+    """Each local entry (tar, folder of tars, glob) names at least one tar: the check of
+    :func:`expand_paths` without listing everything (a folder of 30,000 shards stays one entry
+    in the config, its list is written at run start)."""
+    for entry in entries:
+        if _is_remote(entry):
+            continue
+        pattern = os.path.join(entry, "**", "*.tar") if os.path.isdir(entry) else entry
+        if next(glob.iglob(pattern, recursive=os.path.isdir(entry)), None) is None:
+            raise ConfigError(f"config error: {key}: no such file or no .tar files in '{entry}'")
+
+
 def expand_paths(key: str, entries: list[str]) -> list[str]:
     """Tar files, folders of tars (recursive) and globs -> the sorted tar paths; object-store
     URLs pass as they are."""
     files: list[str] = []
     for entry in entries:
-        if entry.startswith(("s3://", "gs://", "gcs://", "abfs://")):
+        if _is_remote(entry):
             files.append(entry)
             continue
         if os.path.isdir(entry):

@@ -10,9 +10,12 @@ from wsss_ray.tasks.registry import TrainData, spec_for
 
 
 def train_shards(cfg: Any) -> list[str]:
-    """``data.train_shards``, or the synthetic shapes world written once under the output folder."""
+    """``data.train_shards`` expanded (folders and globs -> tar paths; object-store entries as
+    given), or the synthetic shapes world written once under the output folder."""
     if cfg.data.train_shards:
-        return list(cfg.data.train_shards)
+        from wsss_ray.config.common import expand_paths
+
+        return expand_paths("data.train_shards", list(cfg.data.train_shards))
     from wsss_ray.data.synthetic import ensure_synthetic_shards
 
     syn = cfg.data.synthetic
@@ -53,5 +56,6 @@ def datasets(cfg: Any, data: TrainData, skip_counter: str | None = None) -> dict
         passes=d.passes_per_execution,
         multi_label=getattr(loss, "multi_label", 0),
         noun_tagger=getattr(loss, "noun_tagger", "nltk"),
+        seed=cfg.train.seed,
     )
     return {"train": train}

@@ -47,6 +47,10 @@ def build_datasets(
     return spec_for(cfg).hook("datasets")(cfg, TrainData(shards, source), skip_counter)
 
 
+#: the resolved shard list of a run, one path a line, in the run folder and in MLflow
+SHARDS_FILE = "shards.txt"
+
+
 @dataclass
 class TrainSetup:
     """What ``prepare`` resolved before Ray starts: folders, data, tracking store."""
@@ -73,6 +77,8 @@ def prepare(cfg: TrainJobConfig) -> TrainSetup:
     data = spec.hook("prepare")(cfg, out)  # shards, a segmentation split, the task's arguments
     shards, source, task_args = data.shards, data.source, data.task_args
     config_file = save_resolved(cfg, out / cfg.run.name)
+    if shards:  # the resolved list beside the config (which keeps the source as given)
+        (out / cfg.run.name / SHARDS_FILE).write_text("\n".join(shards) + "\n")
     uri = tracking_uri(cfg.tracking.uri, str(out))
     return TrainSetup(out, storage, shards, source, task_args, config_file, uri)
 
@@ -128,7 +134,7 @@ def open_tracker(cfg: TrainJobConfig, setup: TrainSetup, resume: bool = True) ->
     tracker that records nothing when ``tracking.enabled`` is false."""
     if not cfg.tracking.enabled:
         return Tracker(setup.uri, None)
-    return Tracker.open_run(
+    tracker = Tracker.open_run(
         setup.uri,
         cfg.tracking.experiment,
         cfg.run.name,
@@ -138,6 +144,10 @@ def open_tracker(cfg: TrainJobConfig, setup: TrainSetup, resume: bool = True) ->
         local_artifact_location(setup.uri, str(setup.out)),
         resume=resume,
     )
+    shards_file = setup.config_file.parent / SHARDS_FILE
+    if setup.shards and shards_file.is_file():
+        tracker.log_artifact(str(shards_file))
+    return tracker
 
 
 def run(cfg: TrainJobConfig) -> RunSummary:
