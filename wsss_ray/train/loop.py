@@ -39,7 +39,7 @@ from wsss_ray.data.webdataset import decode_crop_batch, jpeg_collate_fn, normali
 from wsss_ray.eval.checkpoint import CKPT_TAG
 from wsss_ray.tasks import build_task
 from wsss_ray.tracking import Tracker
-from wsss_ray.train.deepspeed_config import deepspeed_config, total_steps, use_bf16
+from wsss_ray.train.deepspeed_config import deepspeed_config, total_steps, use_bf16, zero_stage
 from wsss_ray.train.schedule import schedule_factor
 
 
@@ -253,7 +253,8 @@ def build_engine(cfg: Any, task: torch.nn.Module, world: int = 1) -> tuple[Any, 
     apply_fast_path(task, cfg)
     o = cfg.optim
     cuda = bool(cfg.scaling.use_gpu) and torch.cuda.is_available()
-    fused = {"fused": True} if cuda and cfg.train.fused_adamw else {}
+    # fused kernels on CUDA; elsewhere the multi-tensor (foreach) path, not a loop per tensor
+    fused = {"fused": True} if cuda and cfg.train.fused_adamw else {"foreach": True}
     optimizer = torch.optim.AdamW(
         task.param_groups(o.weight_decay, o.decay_logit_scales),
         lr=o.lr,
@@ -269,6 +270,10 @@ def build_engine(cfg: Any, task: torch.nn.Module, world: int = 1) -> tuple[Any, 
         config=deepspeed_config(cfg, world),
         dist_init_required=False,
     )
+    if world == 1 and zero_stage(cfg, world) == 0:
+        # nothing to average with one worker: skip DeepSpeed's gradient all-reduce (its bucket
+        # flattening and copies), which it otherwise runs after every backward
+        engine.enable_backward_allreduce = False
     return engine, optimizer, scheduler
 
 
