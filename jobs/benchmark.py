@@ -6,6 +6,8 @@ each against a baseline measured in the same run (interleaved repeats, medians a
   python jobs/benchmark.py train --out outputs/bench/train.json  # step breakdown (+ MFU on GPU)
   python jobs/benchmark.py eval  --out outputs/bench/eval.json   # zero-shot + pseudo-labels
   python jobs/benchmark.py serve --out outputs/bench/serve.json  # Ray Serve vs in-process
+  python jobs/benchmark.py decode --out outputs/bench/decode.json  # CPU vs GPU decode rates
+  python jobs/benchmark.py scale --out outputs/bench/scale.json  # start-up vs shard count
 
 The defaults finish in a few minutes each on a 2-core CPU; flags scale them up on a GPU node:
 
@@ -235,6 +237,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=v.concurrency, help="clients at once")
     p.add_argument("--max-batch-size", type=int, default=v.max_batch_size)
     _common(p, v.repeats, v.warmup)
+
+    from wsss_ray.bench.decode import DecodeBenchConfig
+    from wsss_ray.bench.scale import ScaleBenchConfig
+
+    c = DecodeBenchConfig()
+    p = sub.add_parser(
+        "decode",
+        help="images/s of the CPU decode, the CPU parse (GPU-decode mode) and the GPU decode",
+        description="Per core: the decode actors' decode + crop + tokenize, and what they do "
+        "when the GPU decodes (header, crop box, tokenize); on CUDA: batched nvJPEG + crops; "
+        "with --step-rate, the decode cores each GPU needs (docs/DATA.md).",
+    )
+    p.add_argument("--num-images", type=int, default=c.num_images)
+    p.add_argument("--source-size", type=int, default=c.source_size, help="JPEG side (px)")
+    p.add_argument("--image-size", type=int, default=c.image_size, help="crop side (px)")
+    p.add_argument("--batch", type=int, default=c.batch, help="GPU decode batch")
+    p.add_argument(
+        "--step-rate", type=float, default=c.step_rate, help="samples/s of one GPU's step"
+    )
+    _common(p, c.repeats, None)
+
+    sc = ScaleBenchConfig()
+    p = sub.add_parser(
+        "scale",
+        help="start-up and memory of the training data path at 30 / 3,000 / 30,000 shards",
+        description="Seconds to the first batch and driver / Ray actor memory for growing "
+        "shard counts (tiny one-sample shards), memory over several executions, and the old "
+        "one-block-per-shard input at --baseline-shards for comparison.",
+    )
+    p.add_argument(
+        "--shard-counts",
+        type=lambda t: tuple(_ints(t)),
+        default=sc.shard_counts,
+        help="comma-separated (default 30,3000,30000)",
+    )
+    p.add_argument("--passes", type=int, default=sc.passes, help="data.passes_per_execution")
+    p.add_argument("--executions", type=int, default=sc.executions)
+    p.add_argument("--actors", type=int, default=sc.actors, help="decode actors")
+    p.add_argument(
+        "--baseline-shards", type=int, default=sc.baseline_shards, help="0 = no baseline"
+    )
+    p.add_argument("--data-dir", default=sc.data_dir)
+    p.add_argument("--out", default=None, help="write every figure as JSON to this file")
     return parser
 
 
@@ -259,6 +304,14 @@ def main(argv: list[str] | None = None) -> int:
         from wsss_ray.bench.train import TrainBenchConfig, run
 
         report = run(_fill(TrainBenchConfig, args), args.out)
+    elif args.command == "decode":
+        from wsss_ray.bench.decode import DecodeBenchConfig, run
+
+        report = run(_fill(DecodeBenchConfig, args), args.out)
+    elif args.command == "scale":
+        from wsss_ray.bench.scale import ScaleBenchConfig, run
+
+        report = run(_fill(ScaleBenchConfig, args), args.out)
     elif args.command == "serve":
         from wsss_ray.bench.serve import ServeBenchConfig, run
 

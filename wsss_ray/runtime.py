@@ -57,3 +57,74 @@ def cluster_has_gpus() -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _fits(node: dict[str, float], bundle: dict[str, float]) -> int:
+    """How many ``bundle``s one node's total resources hold."""
+    need = {k: v for k, v in bundle.items() if v > 0}
+    return min((int(node.get(k, 0.0) // v) for k, v in need.items()), default=0)
+
+
+def resource_shortfall(
+    bundle: dict[str, float], count: int, extra_cpus: float = 0.0, nodes: list | None = None
+) -> str | None:
+    """Why ``count`` train workers of ``bundle`` each (plus ``extra_cpus`` for the decode
+    actors) cannot all be placed on the cluster's live nodes, or None when they can. Compares
+    with the nodes' total resources, so a busy cluster is not "infeasible", only a small one."""
+    import ray
+
+    if nodes is None:
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    want = ", ".join(f"{k} {v:g}" for k, v in sorted(bundle.items()) if v > 0)
+    have = sorted(
+        {", ".join(f"{k} {v:g}" for k, v in sorted(n.items()) if k in bundle) for n in nodes}
+    )
+    slots = sum(_fits(n, bundle) for n in nodes)
+    if slots == 0:
+        return (
+            f"scaling: a train worker needs {{{want}}}, and no node of this Ray cluster has that "
+            f"much (nodes: {'; '.join(have) or 'none'}); change scaling.* or the cluster"
+        )
+    if slots < count:
+        return (
+            f"scaling: {count} train workers need {{{want}}} each; this Ray cluster has room for "
+            f"{slots} (scaling.num_workers={slots} would fit)"
+        )
+    total_cpus = sum(n.get("CPU", 0.0) for n in nodes)
+    cpus = count * bundle.get("CPU", 0.0) + extra_cpus
+    if cpus > total_cpus:
+        return (
+            f"scaling: {count} train workers x {bundle.get('CPU', 0):g} CPUs + {extra_cpus:g} for "
+            f"the minimum decode actors = {cpus:g} CPUs; this Ray cluster has {total_cpus:g}"
+        )
+    return None
+
+
+def wait_for_resources(
+    bundle: dict[str, float],
+    count: int,
+    extra_cpus: float,
+    timeout_s: float,
+    poll_s: float = 5.0,
+    log=print,
+) -> None:
+    """Return when the cluster can hold the job; else raise ``ConfigError`` with the reason:
+    at once on the embedded local Ray (it cannot grow), after ``timeout_s`` on a joined cluster
+    (an autoscaler may be adding nodes). Ray Train itself would retry the worker group forever."""
+    import time
+
+    from wsss_ray.config import ConfigError
+
+    why = resource_shortfall(bundle, count, extra_cpus)
+    if why is None:
+        return
+    if not os.environ.get("RAY_ADDRESS") or timeout_s <= 0:
+        raise ConfigError(f"config error: {why}")
+    log(f"[wsss_ray] waiting up to {timeout_s:.0f}s for the cluster to grow: {why}")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+        why = resource_shortfall(bundle, count, extra_cpus)
+        if why is None:
+            return
+    raise ConfigError(f"config error: {why} (waited {timeout_s:.0f}s: scaling.startup_timeout_s)")

@@ -63,7 +63,7 @@ def test_consume_counts_every_image():
     assert out["images"] == 20 and out["images_per_s"] > 0
 
 
-@pytest.mark.parametrize("sub", ["data", "npr", "train", "eval"])
+@pytest.mark.parametrize("sub", ["data", "npr", "train", "eval", "decode"])
 def test_subcommand_help(sub, capsys):
     with pytest.raises(SystemExit) as exit_:
         benchmark.main([sub, "--help"])
@@ -250,3 +250,34 @@ def test_hungarian_thread_slices_and_async_equal_serial():
     assert torch.equal(matching.hungarian_match(groups, protos, threads=4), serial)
     assert torch.equal(matching.hungarian_match_async(groups, protos, threads=3).result(), serial)
     assert sorted(serial[0].tolist()) == list(range(64))  # a permutation
+
+
+def test_decode_toy(tmp_path, capsys):
+    """On CPU: the actors' parse (GPU-decode mode) is cheaper per image than their decode, and
+    the cores-per-GPU table follows the formula; the GPU rows are CUDA-only."""
+    report, printed = _run(
+        ["decode", "--num-images", "16", "--source-size", "256", "--step-rate", "1000"],
+        tmp_path,
+        capsys,
+    )
+    fig = report["figures"]
+    decode = fig["decode_tokenize_per_core"]["median"]
+    assert fig["parse_tokenize_per_core"]["median"] > decode
+    assert fig["cores_per_gpu"]["cpu"] == pytest.approx(1000 / decode)
+    (target,) = report["targets"]
+    assert target["met"] is None and "GPU decode" in target["name"]
+
+
+def test_scale_toy(tmp_path, capsys, ray_local):
+    out = tmp_path / "scale.json"
+    argv = ["scale", "--shard-counts", "4,40", "--passes", "2", "--executions", "2"]
+    argv += ["--baseline-shards", "8", "--data-dir", str(tmp_path / "d"), "--out", str(out)]
+    assert benchmark.main(argv) == 0
+    report = json.loads(out.read_text())
+    fig = report["figures"]
+    assert [e["samples"] for e in fig["40"]["executions"]] == [40, 40]  # every shard, each time
+    assert fig["4"]["startup"]["first_batch_s"] > 0 and fig["before"]["shards"] == 8
+    assert len(report["targets"]) == 5
+    import ray
+
+    assert ray.is_initialized()  # the fixture's Ray is left up

@@ -157,9 +157,15 @@ class ScalingConfig:
     use_gpu: bool = _f(False, "one GPU per worker, NCCL, bf16")
     cpus_per_worker: float = _f(1.0, "logical CPUs per train worker")
     resources_per_worker: dict[str, float] = _f({}, "extra Ray resources per worker")
+    startup_timeout_s: float = _f(
+        600.0,
+        "on a joined cluster (RAY_ADDRESS), how long to wait for room for the workers (an "
+        "autoscaler adding nodes) before exit 2; the embedded local Ray fails at once",
+    )
 
     def check(self) -> None:
         need(self.num_workers >= 1, "scaling.num_workers", "must be >= 1")
+        need(self.startup_timeout_s >= 0, "scaling.startup_timeout_s", "must be >= 0")
 
 
 @dataclass

@@ -10,13 +10,15 @@ whose per-trial driver adds its own MLflow child run and ``TuneReportCallback``.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from wsss_ray.config import TrainJobConfig, save_resolved, to_flat_dict
-from wsss_ray.runtime import start_ray
+from wsss_ray.runtime import start_ray, wait_for_resources
 from wsss_ray.tracking import Tracker, local_artifact_location, tracking_uri
 
 
@@ -30,12 +32,28 @@ class RunSummary:
     error: BaseException | None = None
 
 
+def worker_bundle(cfg: TrainJobConfig) -> dict[str, float]:
+    """The Ray resources of one train worker."""
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = 1
+    return resources
+
+
 def init_ray(cfg: TrainJobConfig) -> None:
     """Join ``RAY_ADDRESS`` when set, else an embedded local Ray with enough logical CPUs for
-    the train workers plus the decode actors."""
+    the train workers plus the decode actors; then fail fast (``ConfigError``) when the cluster
+    cannot hold the workers, instead of Ray Train retrying the worker group forever."""
     d, s = cfg.data, cfg.scaling
     needed = s.num_workers * s.cpus_per_worker + d.decode_actors[1] * d.cpus_per_decode_actor + 1
     start_ray(needed, cfg.ray.num_cpus)
+    wait_for_resources(
+        worker_bundle(cfg),
+        s.num_workers,
+        d.decode_actors[0] * d.cpus_per_decode_actor,
+        s.startup_timeout_s,
+    )
 
 
 def build_datasets(
@@ -98,9 +116,7 @@ def build_trainer(
 
     skip_counter = start_skip_counter()
     s = cfg.scaling
-    resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
-    if s.use_gpu:
-        resources["GPU"] = 1
+    resources = worker_bundle(cfg)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -157,7 +173,8 @@ def run(cfg: TrainJobConfig) -> RunSummary:
     tracker = open_tracker(cfg, setup)
     trainer = build_trainer(cfg, setup, tracker.run_id)
     try:
-        result = trainer.fit()
+        with stop_on_signals(os.path.join(setup.storage, cfg.run.name), tracker):
+            result = trainer.fit()
     except BaseException:
         tracker.finish("FAILED")
         raise
@@ -169,6 +186,58 @@ def run(cfg: TrainJobConfig) -> RunSummary:
         log_final_model(cfg, setup, tracker.run_id, ckpt)
     tracker.finish("FAILED" if metrics.get("stopped_nonfinite") else "FINISHED")
     return RunSummary(metrics, ckpt, setup.uri, tracker.run_id, str(setup.out))
+
+
+def last_checkpoint(run_storage: str) -> str | None:
+    """The newest ``checkpoint_step_*`` folder of a run's local storage, if any."""
+    if not os.path.isdir(run_storage):
+        return None
+    found = sorted(d for d in os.listdir(run_storage) if d.startswith("checkpoint_step_"))
+    return os.path.join(run_storage, found[-1]) if found else None
+
+
+@contextlib.contextmanager
+def stop_on_signals(run_storage: str, tracker: Tracker, grace_s: float = 10.0):
+    """While training: SIGINT (Ctrl-C) and SIGTERM stop the job within seconds. Ray Train's own
+    handler only asks the controller to abort, which waits on a worker group that may never
+    start. Here the handler names the last checkpoint, marks the MLflow run KILLED, shuts Ray
+    down (the embedded cluster's processes with it) and exits 130 / 143; a rerun of the same
+    command resumes from that checkpoint. A watchdog exits anyway after ``grace_s``."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        name = signal.Signals(signum).name
+        code = 128 + signum
+        threading.Timer(grace_s, lambda: os._exit(code)).start()
+        ckpt = last_checkpoint(run_storage)
+        print(
+            f"\n[wsss_ray] {name}: stopping. Last checkpoint: {ckpt or 'none yet'}; "
+            "run the same command again to resume from it.",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            tracker.finish("KILLED")
+        except Exception:  # noqa: BLE001 - the tracking server may be the reason we stop
+            pass
+        try:
+            import ray
+
+            ray.shutdown()
+        finally:
+            os._exit(code)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def log_final_model(cfg: TrainJobConfig, setup: TrainSetup, run_id: str, ckpt: str) -> None:
