@@ -189,20 +189,30 @@ def run(cfg: TrainJobConfig) -> RunSummary:
 
 
 def last_checkpoint(run_storage: str) -> str | None:
-    """The newest ``checkpoint_step_*`` folder of a run's local storage, if any."""
-    if not os.path.isdir(run_storage):
+    """The newest checkpoint Ray Train has registered for a run in local storage (what a rerun
+    resumes from), from its ``checkpoint_manager_snapshot.json``; a checkpoint folder written
+    but not yet registered when the job stopped is not one."""
+    import json
+
+    snapshot = os.path.join(run_storage, "checkpoint_manager_snapshot.json")
+    try:
+        with open(snapshot) as f:
+            latest = json.load(f).get("latest_checkpoint_result") or {}
+    except (OSError, ValueError):
         return None
-    found = sorted(d for d in os.listdir(run_storage) if d.startswith("checkpoint_step_"))
-    return os.path.join(run_storage, found[-1]) if found else None
+    name = latest.get("checkpoint_dir_name")
+    return os.path.join(run_storage, name) if name else None
 
 
 @contextlib.contextmanager
 def stop_on_signals(run_storage: str, tracker: Tracker, grace_s: float = 10.0):
     """While training: SIGINT (Ctrl-C) and SIGTERM stop the job within seconds. Ray Train's own
     handler only asks the controller to abort, which waits on a worker group that may never
-    start. Here the handler names the last checkpoint, marks the MLflow run KILLED, shuts Ray
-    down (the embedded cluster's processes with it) and exits 130 / 143; a rerun of the same
-    command resumes from that checkpoint. A watchdog exits anyway after ``grace_s``."""
+    start, and exits 1 without a word. Here (Ray Train's handler is not installed) the handler
+    names the last checkpoint, marks the MLflow run KILLED, shuts Ray down (the embedded
+    cluster's processes with it; on a cluster the controller and workers die with their owner)
+    and exits 130 / 143; a rerun of the same command resumes from that checkpoint. A watchdog
+    exits anyway after ``grace_s``."""
     import signal
     import threading
 
@@ -232,12 +242,20 @@ def stop_on_signals(run_storage: str, tracker: Tracker, grace_s: float = 10.0):
         finally:
             os._exit(code)
 
+    # Ray Train's fit() would replace our SIGINT handler with its own, whose graceful abort
+    # blocks on a controller that may be stuck starting workers (and exits 1 without a word)
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    ray_handler = DataParallelTrainer.__dict__.get("_register_sigint_handler")
+    DataParallelTrainer._register_sigint_handler = lambda self, controller: None
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        if ray_handler is not None:
+            DataParallelTrainer._register_sigint_handler = ray_handler
 
 
 def log_final_model(cfg: TrainJobConfig, setup: TrainSetup, run_id: str, ckpt: str) -> None:
