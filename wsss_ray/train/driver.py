@@ -166,8 +166,41 @@ def open_tracker(cfg: TrainJobConfig, setup: TrainSetup, resume: bool = True) ->
     return tracker
 
 
+def finished_run(cfg: TrainJobConfig) -> RunSummary | None:
+    """The summary of this run when its storage already holds a checkpoint at the last step
+    (read from Ray Train's snapshot: no Ray, no data, no DeepSpeed), else None. Local storage
+    only; a cloud ``run.storage_path`` always goes through Ray Train."""
+    import json
+
+    from wsss_ray.train.deepspeed_config import total_steps
+
+    out = Path(cfg.run.output_dir).resolve()
+    storage = cfg.run.storage_path or str(out / "ray_results")
+    if "://" in storage:
+        return None
+    run_storage = os.path.join(storage, cfg.run.name)
+    ckpt = last_checkpoint(run_storage)
+    if not ckpt or not os.path.isdir(ckpt):
+        return None
+    with open(os.path.join(run_storage, "checkpoint_manager_snapshot.json")) as f:
+        metrics = (json.load(f).get("latest_checkpoint_result") or {}).get("metrics") or {}
+    if int(metrics.get("step", -1)) < total_steps(cfg):
+        return None
+    uri = tracking_uri(cfg.tracking.uri, str(out))
+    return RunSummary(metrics, ckpt, uri, None, str(out))
+
+
 def run(cfg: TrainJobConfig) -> RunSummary:
-    """Fit the task named by ``cfg.task``; resumes when the run name exists in storage."""
+    """Fit the task named by ``cfg.task``; resumes when the run name exists in storage, and
+    returns at once when that run is already finished (:func:`finished_run`)."""
+    done = finished_run(cfg)
+    if done is not None:
+        print(
+            f"[wsss_ray] run '{cfg.run.name}' is already finished (step {done.metrics['step']}): "
+            "nothing to train. Give another run.name, or more train.max_steps to go on.",
+            flush=True,
+        )
+        return done
     setup = prepare(cfg)
     init_ray(cfg)
     tracker = open_tracker(cfg, setup)
