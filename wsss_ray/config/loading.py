@@ -18,6 +18,9 @@ from wsss_ray.config.base import ConfigError
 
 T = TypeVar("T")
 
+#: the checkout holding configs/ (jobs' default configs are found from any folder)
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
 
 def _explain(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None) or "?"
@@ -27,9 +30,29 @@ def _explain(err: OmegaConfBaseException) -> str:
     return f"config error: {key}: {msg}"
 
 
-def load_config(schema: type[T], config_file: str | None, overrides: list[str]) -> T:
+_BOOLS = {"true": "true", "false": "false"}
+
+
+def _check_bool(base: Any, item: str) -> None:
+    """A boolean key takes true or false only: OmegaConf would read yes/on/1 as true."""
+    key, _, value = item.partition("=")
+    try:
+        current = OmegaConf.select(base, key.strip(), throw_on_missing=False)
+    except OmegaConfBaseException:
+        return
+    if isinstance(current, bool) and value.strip().lower() not in _BOOLS:
+        raise ConfigError(
+            f"config error: {key.strip()}: '{value}' is not a boolean (true or false)"
+        )
+
+
+def load_config(
+    schema: type[T], config_file: str | None, overrides: list[str], check: bool = True
+) -> T:
     """Merge defaults <- YAML file <- dotted overrides, check types and paths, return a typed
-    dataclass instance. Raises :class:`ConfigError` with a one-line message naming the key."""
+    dataclass instance. Raises :class:`ConfigError` with a one-line message naming the key.
+    ``check=False``: the types only (``--print-config`` of a job whose inputs do not exist
+    yet)."""
     base = OmegaConf.structured(schema)
     try:
         if config_file:
@@ -39,6 +62,7 @@ def load_config(schema: type[T], config_file: str | None, overrides: list[str]) 
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"config error: override '{item}' is not of the form key=value")
+            _check_bool(base, item)
             base = OmegaConf.merge(base, OmegaConf.from_dotlist([item]))
         missing = sorted(OmegaConf.missing_keys(base))
         if missing:
@@ -46,7 +70,8 @@ def load_config(schema: type[T], config_file: str | None, overrides: list[str]) 
         cfg = OmegaConf.to_object(base)
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err)) from None
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg  # type: ignore[return-value]
 
 
@@ -131,9 +156,21 @@ def parse_job_args(
     )
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args(argv)
+    config_file = args.config
+    if config_file and config_file == default_config and not os.path.isfile(config_file):
+        config_file = str(PROJECT_ROOT / config_file)  # a job started from another folder
     try:
-        cfg = load_config(schema, args.config, args.overrides)
+        cfg = load_config(schema, config_file, args.overrides)
     except ConfigError as err:
+        if args.print_config:  # show it anyway: e.g. a later phase's inputs do not exist yet
+            try:
+                unchecked = load_config(schema, config_file, args.overrides, check=False)
+            except ConfigError:
+                unchecked = None
+            if unchecked is not None:
+                print(to_yaml(unchecked))
+                print(f"note: not runnable yet: {err}", file=sys.stderr)
+                raise SystemExit(0) from None
         print(str(err), file=sys.stderr)
         raise SystemExit(2) from None
     if args.print_config:
