@@ -154,3 +154,20 @@ def test_pgseg_synchronises_only_the_projector_batchnorms():
     synced = sorted(n for n, k in kinds.items() if k is torch.nn.SyncBatchNorm)
     assert synced == ["model.img_projector.linear_hidden.1", "model.text_projector.linear_hidden.1"]
     assert any(".recon." in n for n, k in kinds.items() if k is torch.nn.BatchNorm1d)
+
+
+def test_stall_guard_flags_a_frozen_loss_and_a_dead_or_exploding_gradient():
+    from wsss_ray.train.loop import StallGuard
+
+    g = StallGuard(3)
+    assert [g.update(x, 1.0) for x in (5.0, 4.0, 3.5, 3.2)] == ["", "", "", ""]
+    assert not g.stalled
+    said = [g.update(4.6164, 1.0) for _ in range(4)]  # lr=1e3: the loss freezes
+    assert said[:3] == ["", "", ""] and "loss unchanged at 4.6164 for 3 reports" in said[3]
+    assert g.stalled
+    assert g.update(4.0, 1.0) == "" and not g.stalled  # it recovered: not a failure
+    assert "exploded" in [g.update(4.0 - i, float("inf")) for i in range(3)][-1]
+    g = StallGuard(2)
+    assert "collapsed" in [g.update(3.0 - i, 0.0) for i in range(2)][-1]
+    off = StallGuard(0)
+    assert all(off.update(1.0, 0.0) == "" for _ in range(10)) and not off.stalled

@@ -129,6 +129,11 @@ class TrainConfig:
     log_every: int = _f(10, "report metrics every N steps")
     ckpt_every: int = _f(100, "checkpoint every M steps (and at the end)")
     max_nonfinite: int = _f(5, "stop after this many non-finite losses in a row")
+    stall_reports: int = _f(
+        5,
+        "warn when the loss stops moving or the gradient norm collapses/explodes for this many "
+        "reports in a row; still so at the end = the job exits 1 (0 = off)",
+    )
     seed: int = _f(0, "random seed")
     zero_stage: int = _f(2, "DeepSpeed ZeRO stage (0-3); one fp32 worker runs stage 0")
     precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")

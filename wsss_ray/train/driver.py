@@ -215,9 +215,10 @@ def run(cfg: TrainJobConfig) -> RunSummary:
     if ckpt:
         tracker.set_tag("checkpoint/final", ckpt)
     metrics = dict(result.metrics or {})
-    if ckpt and tracker.run_id and cfg.tracking.log_model and not metrics.get("stopped_nonfinite"):
+    failed = metrics.get("stopped_nonfinite") or metrics.get("diverged")
+    if ckpt and tracker.run_id and cfg.tracking.log_model and not failed:
         log_final_model(cfg, setup, tracker.run_id, ckpt)
-    tracker.finish("FAILED" if metrics.get("stopped_nonfinite") else "FINISHED")
+    tracker.finish("FAILED" if failed else "FINISHED")
     return RunSummary(metrics, ckpt, setup.uri, tracker.run_id, str(setup.out))
 
 
@@ -338,12 +339,18 @@ def print_summary(summary: RunSummary) -> None:
         )
     if m.get("stopped_nonfinite"):
         print("[wsss_ray] the run stopped early on non-finite losses", flush=True)
+    if m.get("diverged"):
+        print(
+            "[wsss_ray] the run diverged or stalled and never recovered (see the warnings above):"
+            " its model is not to be trusted",
+            flush=True,
+        )
 
 
 def train_job(cfg: TrainJobConfig) -> tuple[int, RunSummary | None]:
     """What a training job's ``main`` does with its config: run it and print the summary.
     Returns (exit status: 2 for a driver-side config error, 1 when the run stopped on non-finite
-    losses, else 0; the summary, None on a config error)."""
+    losses or diverged without recovering, else 0; the summary, None on a config error)."""
     import sys
 
     from wsss_ray.config import ConfigError
@@ -354,4 +361,5 @@ def train_job(cfg: TrainJobConfig) -> tuple[int, RunSummary | None]:
         print(str(err), file=sys.stderr)
         return 2, None
     print_summary(summary)
-    return (1 if summary.metrics.get("stopped_nonfinite") else 0), summary
+    failed = summary.metrics.get("stopped_nonfinite") or summary.metrics.get("diverged")
+    return (1 if failed else 0), summary

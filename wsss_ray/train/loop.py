@@ -114,6 +114,47 @@ class NonFiniteGuard:
         return ""
 
 
+class StallGuard:
+    """Divergence that is not a NaN: over the reports, a loss that no longer moves (relative
+    change under ``rtol``), or a gradient norm that collapsed (< ``lo``) or exploded (> ``hi``).
+    ``update`` returns a warning the first time ``reports`` reports in a row are stalled;
+    ``stalled`` is true while the latest ``reports`` all were (the run never recovered)."""
+
+    def __init__(self, reports: int, rtol: float = 1e-6, lo: float = 1e-8, hi: float = 1e6) -> None:
+        self.reports, self.rtol, self.lo, self.hi = reports, rtol, lo, hi
+        self.run, self.prev, self.warned = 0, None, False
+
+    def _why(self, loss: float, grad_norm: float | None) -> str:
+        if grad_norm is not None and grad_norm == grad_norm:
+            if grad_norm < self.lo:
+                return f"gradient norm {grad_norm:.2e} (collapsed)"
+            if grad_norm > self.hi:
+                return f"gradient norm {grad_norm:.2e} (exploded)"
+        prev, self.prev = self.prev, loss
+        if prev is not None and abs(loss - prev) <= self.rtol * max(abs(loss), 1.0):
+            return f"loss unchanged at {loss:.4f}"
+        return ""
+
+    def update(self, loss: float, grad_norm: float | None = None) -> str:
+        if self.reports <= 0:
+            return ""
+        why = self._why(loss, grad_norm)
+        self.run = self.run + 1 if why else 0
+        if why and self.run >= self.reports and not self.warned:
+            self.warned = True
+            return (
+                f"warning: {why} for {self.run} reports in a row: the run has diverged or "
+                "stalled (lower optim.lr?)"
+            )
+        if not why:
+            self.warned = False
+        return ""
+
+    @property
+    def stalled(self) -> bool:
+        return self.reports > 0 and self.run >= self.reports
+
+
 def _decode_device(cfg: Any) -> str:
     """``data.decode_device`` of image-text tasks; other tasks' data configs decode on CPU."""
     return getattr(cfg.data, "decode_device", "cpu")
@@ -358,6 +399,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     B = cfg.train.batch_size_per_worker
     window = _Window()
     guard, stop_reason = NonFiniteGuard(cfg.train.max_nonfinite, state["nonfinite"]), ""
+    stall = StallGuard(cfg.train.stall_reports)
     last_ckpt = start_step
 
     def report(step: int, with_checkpoint: bool, evaluate: bool = False) -> None:
@@ -386,6 +428,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         )
         if stop_reason:
             metrics["stopped_nonfinite"] = 1
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        warning = stall.update(metrics.get("loss", float("nan")), metrics.get("grad_norm"))
+        if warning and is_main:
+            say(f"[wsss_ray] {warning}")
+        if stall.stalled and step >= steps:
+            metrics["diverged"] = 1  # never recovered: the job exits non-zero
         if world > 1 and not synced_bn and (evaluate or with_checkpoint):
             average_norm_stats(engine.module)  # one model on every worker, and in the checkpoint
         if evaluate:
