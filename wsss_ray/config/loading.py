@@ -177,3 +177,15 @@ def parse_job_args(
         print(to_yaml(cfg))
         raise SystemExit(0)
     return cfg
+
+
+def run_job(schema: type, description: str, run: str, argv: list[str] | None = None) -> int:
+    """A job's whole ``main``: :func:`parse_job_args`, then ``run`` (``"module:function"``,
+    imported only now, so ``--help`` and config errors import no torch) called with the config.
+    Returns the exit status, 0."""
+    import importlib
+
+    cfg = parse_job_args(schema, description, argv)
+    module, _, name = run.partition(":")
+    getattr(importlib.import_module(module), name)(cfg)
+    return 0

@@ -10,6 +10,7 @@ are few), so the driver never holds per-image predictions.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,16 +69,34 @@ def open_eval(cfg: Any) -> EvalRun:
 def predicted(source: Any, predictor: type, args: tuple, inf: Any, ray_cpus: int) -> Any:
     """Start Ray (``ray_cpus`` logical CPUs when embedded, 0 = the machine's) and stream the
     split through an actor pool of ``predictor(*args)`` sized by ``inf`` (an InferConfig)."""
+    from wsss_ray.data.segmentation import segmentation_dataset
+
+    return on_actor_pool(lambda: segmentation_dataset(source), predictor, args, inf, ray_cpus)
+
+
+def on_actor_pool(
+    dataset: Callable[[], Any],
+    actor: type,
+    args: tuple,
+    inf: Any,
+    ray_cpus: int = 0,
+    kwargs: dict[str, Any] | None = None,
+) -> Any:
+    """Start Ray (``ray_cpus`` logical CPUs when embedded, 0 = the machine's), then map
+    ``dataset()`` (built once Ray is up) through an actor pool of ``actor(*args, **kwargs)``
+    sized by ``inf``: anything with ``actors`` (min, max), ``cpus_per_actor``,
+    ``gpus_per_actor`` (< 0: one when the cluster has GPUs) and ``batch_size``, an InferConfig
+    or ``jobs/segment.py``'s arguments."""
     import ray
 
-    from wsss_ray.data.segmentation import segmentation_dataset
     from wsss_ray.runtime import cluster_has_gpus, start_ray
 
     start_ray(inf.actors[1] * inf.cpus_per_actor + 1, ray_cpus)
     gpus = inf.gpus_per_actor if inf.gpus_per_actor >= 0 else float(cluster_has_gpus())
-    return segmentation_dataset(source).map_batches(
-        predictor,
+    return dataset().map_batches(
+        actor,
         fn_constructor_args=args,
+        fn_constructor_kwargs=kwargs,
         batch_size=inf.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=inf.actors[0], max_size=inf.actors[1]),
         num_cpus=inf.cpus_per_actor,

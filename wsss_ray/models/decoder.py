@@ -37,23 +37,50 @@ from torch import nn
 
 
 class _BlockFusion(nn.Module):
-    """Both decoders' front: one MLP per CLIP block to ``embed_dim`` (``act`` between its two
-    linears), the blocks concatenated and fused by a 1x1 convolution."""
+    """Both decoders' front and ends: one MLP per CLIP block to ``embed_dim`` (``act`` between
+    its two linears), the blocks concatenated and fused by a 1x1 convolution; then the
+    subclass's middle (:meth:`_middle`), and the two 1x1 heads, ``classifier`` to
+    ``num_classes`` and ``proj`` to ``joint_dim``. The arguments are :class:`SegDecoder`'s."""
+
+    #: the activation between the two linears of each block's MLP
+    act_layer: type[nn.Module] = nn.GELU
 
     def __init__(
-        self, in_dim: int, num_layers: int, embed_dim: int, heads: int, act: type[nn.Module]
+        self,
+        in_dim: int,
+        num_layers: int,
+        num_classes: int,
+        joint_dim: int,
+        embed_dim: int = 256,
+        depth: int = 3,
+        heads: int = 8,
+        dropout: float = 0.1,
     ):
         super().__init__()
+        self._check(depth)
         if embed_dim % heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by heads {heads}")
         if num_layers < 1:
             raise ValueError(f"need num_layers >= 1, got {num_layers}")
         self.num_layers = num_layers
+        self.num_classes = num_classes
         self.layer_mlps = nn.ModuleList(
-            nn.Sequential(nn.Linear(in_dim, embed_dim), act(), nn.Linear(embed_dim, embed_dim))
+            nn.Sequential(
+                nn.Linear(in_dim, embed_dim), self.act_layer(), nn.Linear(embed_dim, embed_dim)
+            )
             for _ in range(num_layers)
         )
         self.fuse = nn.Conv2d(num_layers * embed_dim, embed_dim, kernel_size=1)
+        self._middle(embed_dim, depth, heads, dropout)
+        self.classifier = nn.Conv2d(embed_dim, num_classes, kernel_size=1)
+        self.proj = nn.Conv2d(embed_dim, joint_dim, kernel_size=1)
+
+    def _check(self, depth: int) -> None:
+        """Raise ValueError for a depth the subclass cannot build (before anything is built)."""
+
+    def _middle(self, embed_dim: int, depth: int, heads: int, dropout: float) -> None:
+        """Register the modules between the fuse and the heads."""
+        raise NotImplementedError
 
     def fused(self, tokens, grid: tuple[int, int]) -> torch.Tensor:
         """B x E x h x w from the first ``num_layers`` blocks' tokens (each B x N x in_dim)."""
@@ -80,21 +107,11 @@ class SegDecoder(_BlockFusion):
         dropout: dropout in the transformer and (as Dropout2d) before the classifier.
     """
 
-    def __init__(
-        self,
-        in_dim: int,
-        num_layers: int,
-        num_classes: int,
-        joint_dim: int,
-        embed_dim: int = 256,
-        depth: int = 3,
-        heads: int = 8,
-        dropout: float = 0.1,
-    ):
+    def _check(self, depth: int) -> None:
         if depth < 0:
             raise ValueError(f"need depth >= 0, got {depth}")
-        super().__init__(in_dim, num_layers, embed_dim, heads, nn.GELU)
-        self.num_classes = num_classes
+
+    def _middle(self, embed_dim: int, depth: int, heads: int, dropout: float) -> None:
         self.fuse_norm = nn.LayerNorm(embed_dim)
         self.act = nn.GELU()
         self.pos_conv = nn.Conv2d(embed_dim, embed_dim, 3, padding=1, groups=embed_dim)
@@ -111,8 +128,6 @@ class SegDecoder(_BlockFusion):
             layer, num_layers=depth, norm=nn.LayerNorm(embed_dim), enable_nested_tensor=False
         )
         self.dropout = nn.Dropout2d(dropout)
-        self.classifier = nn.Conv2d(embed_dim, num_classes, kernel_size=1)
-        self.proj = nn.Conv2d(embed_dim, joint_dim, kernel_size=1)
 
     def forward(
         self, tokens: torch.Tensor | Sequence[torch.Tensor], grid: tuple[int, int]
@@ -167,23 +182,11 @@ class WeCLIPDecoder(_BlockFusion):
     ``forward`` takes the tokens of all L blocks (or of the first ``num_layers``) and uses the
     first ``num_layers``."""
 
-    def __init__(
-        self,
-        in_dim: int,
-        num_layers: int,
-        num_classes: int,
-        joint_dim: int,
-        embed_dim: int = 256,
-        depth: int = 3,
-        heads: int = 8,
-        dropout: float = 0.1,
-    ):
-        super().__init__(in_dim, num_layers, embed_dim, heads, nn.ReLU)
-        self.num_classes = num_classes
+    act_layer = nn.ReLU
+
+    def _middle(self, embed_dim: int, depth: int, heads: int, dropout: float) -> None:
         self.dropout = nn.Dropout2d(dropout)
         self.blocks = nn.ModuleList(_ClipBlock(embed_dim, heads) for _ in range(depth))
-        self.classifier = nn.Conv2d(embed_dim, num_classes, kernel_size=1)
-        self.proj = nn.Conv2d(embed_dim, joint_dim, kernel_size=1)
 
     def forward(
         self, tokens: torch.Tensor | Sequence[torch.Tensor], grid: tuple[int, int]

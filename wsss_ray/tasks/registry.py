@@ -87,42 +87,58 @@ class TrainData:
     task_args: dict[str, Any] = field(default_factory=dict)
 
 
+#: the attribute of a method's module that a hook in ``_method``'s ``own`` names, where it is
+#: not the hook's own name
+_OWN_NAMES = {"check": "check_config", "tokenizer": "tokenizer_spec"}
+
+#: the hooks of a method whose trained model segments images: packaged as the run's MLflow
+#: model, and Tune sweeps may name it
+_SEGMENTER = {"package": "wsss_ray.inference.segmenter:segmenter_from_run", "sweep": True}
+
+
+def _method(
+    name: str, build: str, schema: str, own: tuple[str, ...] = (), **hooks: Any
+) -> TaskSpec:
+    """A :data:`TABLE` entry, written short: ``build`` is ``"module:Task"``, ``schema`` a class
+    of :mod:`wsss_ray.config`, and each hook named in ``own`` is an attribute of the method's
+    own module (named as in :data:`_OWN_NAMES`, else as the hook); ``hooks`` the rest."""
+    module = build.partition(":")[0]
+    hooks |= {hook: f"{module}:{_OWN_NAMES.get(hook, hook)}" for hook in own}
+    return TaskSpec(name, schema=f"wsss_ray.config:{schema}", build=build, **hooks)
+
+
 #: the methods, by ``cfg.task``
 TABLE: dict[str, TaskSpec] = {
-    "clip": TaskSpec(
-        "clip",
-        schema="wsss_ray.config:ClipPretrainConfig",
-        build="wsss_ray.tasks.clip:ClipTask",
-        check="wsss_ray.tasks.clip:check_config",
-        tokenizer="wsss_ray.tasks.clip:tokenizer_spec",
-        job="jobs/pretrain_clip.py",
-    ),
-    "pgseg": TaskSpec(
-        "pgseg",
-        schema="wsss_ray.config:PGSegPretrainConfig",
-        build="wsss_ray.tasks.pgseg:PGSegTask",
-        check="wsss_ray.tasks.pgseg:check_config",
-        tokenizer="wsss_ray.tasks.pgseg:tokenizer_spec",
-        validator="wsss_ray.eval.periodic:zero_shot_validator",
-        segmenter="wsss_ray.eval.pgseg:segmenter_for",
-        package="wsss_ray.inference.segmenter:segmenter_from_run",
-        job="jobs/pretrain_pgseg.py",
-        sweep=True,
-    ),
-    "vpl_seg": TaskSpec(
-        "vpl_seg",
-        schema="wsss_ray.config:VPLTrainConfig",
-        build="wsss_ray.tasks.vpl:VPLSegTask",
-        check="wsss_ray.tasks.vpl:check_config",
-        prepare="wsss_ray.tasks.vpl:prepare",
-        datasets="wsss_ray.tasks.vpl:datasets",
-        validator="wsss_ray.eval.periodic:decoder_validator",
-        segmenter="wsss_ray.eval.vpl_seg:SegPredictor",
-        package="wsss_ray.inference.segmenter:segmenter_from_run",
-        trial_setup="wsss_ray.tasks.vpl:trial_setup",
-        job="jobs/train_vpl.py",
-        sweep=True,
-    ),
+    spec.name: spec
+    for spec in (
+        _method(
+            "clip",
+            "wsss_ray.tasks.clip:ClipTask",
+            "ClipPretrainConfig",
+            ("check", "tokenizer"),
+            job="jobs/pretrain_clip.py",
+        ),
+        _method(
+            "pgseg",
+            "wsss_ray.tasks.pgseg:PGSegTask",
+            "PGSegPretrainConfig",
+            ("check", "tokenizer"),
+            validator="wsss_ray.eval.periodic:zero_shot_validator",
+            segmenter="wsss_ray.eval.pgseg:segmenter_for",
+            job="jobs/pretrain_pgseg.py",
+            **_SEGMENTER,
+        ),
+        _method(
+            "vpl_seg",
+            "wsss_ray.tasks.vpl:VPLSegTask",
+            "VPLTrainConfig",
+            ("check", "prepare", "datasets", "trial_setup"),
+            validator="wsss_ray.eval.periodic:decoder_validator",
+            segmenter="wsss_ray.eval.vpl_seg:SegPredictor",
+            job="jobs/train_vpl.py",
+            **_SEGMENTER,
+        ),
+    )
 }
 
 

@@ -40,6 +40,7 @@ from wsss_ray.eval.checkpoint import CKPT_TAG
 from wsss_ray.tasks import build_task
 from wsss_ray.tracking import Tracker
 from wsss_ray.train.deepspeed_config import deepspeed_config, total_steps, use_bf16, zero_stage
+from wsss_ray.train.manifest import verify, write_manifest
 from wsss_ray.train.schedule import schedule_factor
 
 
@@ -329,6 +330,52 @@ def iter_kwargs(cfg: Any) -> dict[str, Any]:
     return out
 
 
+def _older_checkpoints(checkpoint: Any) -> list[Any]:
+    """The run's other ``checkpoint_step_*`` folders beside ``checkpoint``, newest first (the
+    ``run.num_checkpoints_to_keep`` Ray Train keeps), on the same filesystem."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    parent, own = os.path.split(checkpoint.path.rstrip("/"))
+    infos = checkpoint.filesystem.get_file_info(pafs.FileSelector(parent))
+    names = sorted(
+        (i.base_name for i in infos if i.type == pafs.FileType.Directory),
+        reverse=True,
+    )
+    return [
+        Checkpoint(os.path.join(parent, n), filesystem=checkpoint.filesystem)
+        for n in names
+        if n.startswith("checkpoint_step_") and n < own
+    ]
+
+
+def load_verified(engine: Any, checkpoint: Any, rank: int = 0) -> tuple[Any, dict]:
+    """Load the newest checkpoint whose manifest verifies (:mod:`wsss_ray.train.manifest`):
+    ``checkpoint`` first, then the older ones of the run, with a warning naming the bad file.
+    Every rank verifies what it reads (each its own ZeRO shard); they agree on the choice
+    through one all-reduce per candidate. Raises when none is intact."""
+    problems = []
+    for cand in [checkpoint, *_older_checkpoints(checkpoint)]:
+        with cand.as_directory() as ckpt_dir:
+            why = verify(ckpt_dir)
+            ok = _all_reduce([0.0 if why else 1.0], "min")[0] > 0
+            if ok:
+                path, client = engine.load_checkpoint(ckpt_dir, tag=CKPT_TAG)
+                if path is None:
+                    raise RuntimeError(f"could not load the DeepSpeed checkpoint in {cand.path}")
+                if cand is not checkpoint and rank == 0:
+                    say(
+                        f"[wsss_ray] warning: checkpoint {checkpoint.path} is damaged "
+                        f"({problems[0]}); resumed from {cand.path} instead"
+                    )
+                return cand, client
+        problems.append(why or "another worker's files are damaged")
+    raise RuntimeError(
+        f"no intact checkpoint to resume from: {checkpoint.path}: {problems[0]}; delete the "
+        "run's storage folder to start over"
+    )
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = loop_config["cfg"]
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
@@ -355,10 +402,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     state = {"samples": 0, "skipped": 0, "nonfinite": 0, "epoch": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            path, client = engine.load_checkpoint(ckpt_dir, tag=CKPT_TAG)
-        if path is None:
-            raise RuntimeError(f"could not load the DeepSpeed checkpoint in {checkpoint.path}")
+        checkpoint, client = load_verified(engine, checkpoint, rank)
         state.update({k: client[k] for k in state})
     start_step = engine.global_steps
     is_main = rank == 0
@@ -446,6 +490,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             tmp = tempfile.mkdtemp(prefix="wsss_ckpt_")
             client = {k: state[k] for k in ("samples", "skipped", "nonfinite", "epoch")}
             engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state=client)
+            write_manifest(tmp, rank)  # this rank's files (ZeRO shards); checked on resume
             name = f"checkpoint_step_{step:08d}"
             ray.train.report(
                 metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name
