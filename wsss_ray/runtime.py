@@ -27,6 +27,8 @@ def start_ray(needed_cpus: float, num_cpus: int = 0) -> None:
     if ray.is_initialized():
         return
     env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}
+    if os.environ.get("WSSS_TRUST_PICKLE"):  # the opt-in reaches the workers that load files
+        env["WSSS_TRUST_PICKLE"] = os.environ["WSSS_TRUST_PICKLE"]
     os.environ.update(env)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env={"env_vars": env})

@@ -470,3 +470,30 @@ def test_export_layout_whatever_our_text_mode(text_mode, tmp_path):
         job.main(["model.size=tiny", f"model.checkpoint={tmp_path / 'gv.pt'}", f"out={out}"]) == 0
     )
     assert set(torch.load(out, weights_only=True)["model"]) == set(released_layout("tiny", False))
+
+
+class _Pickled:  # stands for the OmegaConf config the released checkpoints pickle
+    def __init__(self) -> None:
+        self.lr = 1e-4
+
+
+def test_pickled_objects_need_the_explicit_opt_in(tmp_path, monkeypatch):
+    """weights_only=True first; a file that needs the full unpickler (which runs code from the
+    file) is refused with the opt-in named, and loads with WSSS_TRUST_PICKLE=1."""
+    import torch
+
+    from wsss_ray.config import ConfigError, PGSegPretrainConfig, load_config
+    from wsss_ray.models.pgseg import UntrustedPickleError, read_checkpoint_file
+    from wsss_ray.tasks.pgseg import check_config
+
+    path = tmp_path / "released.pth"
+    torch.save({"model": {"w": torch.ones(2)}, "config": _Pickled()}, path)
+    monkeypatch.delenv("WSSS_TRUST_PICKLE", raising=False)
+    with pytest.raises(UntrustedPickleError, match="WSSS_TRUST_PICKLE=1"):
+        read_checkpoint_file(str(path))
+    cfg = load_config(PGSegPretrainConfig, "configs/pgseg/tiny.yaml", [])
+    cfg.model.pretrained = str(path)
+    with pytest.raises(ConfigError, match=r"^config error: model.pretrained: .*pickles Python"):
+        check_config(cfg)  # the driver-side check: one line, exit 2
+    monkeypatch.setenv("WSSS_TRUST_PICKLE", "1")
+    assert torch.equal(read_checkpoint_file(str(path))["w"], torch.ones(2))

@@ -44,7 +44,7 @@ def _deepspeed_state(ckpt_dir: str) -> dict[str, torch.Tensor]:
     states = sorted(glob.glob(os.path.join(tag_dir, "mp_rank_*_model_states.pt")))
     if not states:
         raise FileNotFoundError(f"no DeepSpeed model states in {tag_dir}")
-    return torch.load(states[0], map_location="cpu", weights_only=False)["module"]
+    return torch.load(states[0], map_location="cpu", weights_only=True)["module"]
 
 
 def load_state_dict(path: str, prefix: str = "model.") -> dict[str, torch.Tensor]:

@@ -413,7 +413,7 @@ def run_pseudo_labels(cfg: VPLConfig) -> dict[str, Any]:
         )
     vision = None
     if mode == "vision":  # read here and shipped to the actors: workers need no shared folder
-        saved = torch.load(prototype_file(cfg), map_location="cpu", weights_only=False)
+        saved = torch.load(prototype_file(cfg), map_location="cpu", weights_only=True)
         vision = (saved["W"].float(), float(saved.get("tau_i", cfg.prototypes.tau_i)))
     box_default = 0.7 if source.name == "coco" else 0.4
     label_dir = folder / f"pseudo_labels_{mode}"

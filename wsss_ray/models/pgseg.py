@@ -293,15 +293,30 @@ def describe_partial(report: dict[str, list[str]], source: str) -> str:
     return f"{source}: partial load: " + "; ".join(parts)
 
 
+#: set to 1 to let :func:`read_checkpoint_file` unpickle files that hold Python objects
+TRUST_PICKLE_ENV = "WSSS_TRUST_PICKLE"
+
+
+class UntrustedPickleError(ValueError):
+    """A checkpoint that only the full unpickler (which runs code from the file) can read."""
+
+
 def read_checkpoint_file(path: str) -> dict[str, torch.Tensor]:
     """The state dict of a ``.pt``/``.pth`` file: a plain state dict or ``{"model": ...}`` /
-    ``{"state_dict": ...}`` (the released GroupViT/PGSeg files). Tensors-only files load with
-    ``weights_only=True``; files that also pickle other objects (the released ones carry their
-    OmegaConf config) need the full unpickler, which runs code from the file: use files you
-    trust."""
+    ``{"state_dict": ...}`` (the released GroupViT/PGSeg files). Files load with
+    ``weights_only=True``. Files that also pickle other objects (the released GroupViT/PGSeg
+    ones carry their OmegaConf config) need the full unpickler, which runs code from the file:
+    only with the explicit opt-in ``WSSS_TRUST_PICKLE=1`` (else :class:`UntrustedPickleError`,
+    naming the file and the opt-in)."""
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - e.g. pickled OmegaConf configs in released checkpoints
+    except Exception as err:  # noqa: BLE001 - e.g. pickled OmegaConf configs in released files
+        if os.environ.get(TRUST_PICKLE_ENV) != "1":
+            raise UntrustedPickleError(
+                f"{path} pickles Python objects besides tensors (the released GroupViT/PGSeg "
+                "checkpoints pickle their config); loading it runs code from the file. If you "
+                f"trust it, set {TRUST_PICKLE_ENV}=1 ({str(err).splitlines()[0][:120]})"
+            ) from None
         raw = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(raw, dict):
         for key in ("model", "state_dict", "module"):

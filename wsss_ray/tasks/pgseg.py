@@ -182,7 +182,7 @@ def tokenizer_spec(cfg: PGSegPretrainConfig) -> tuple[str, int | None]:
 
 def check_config(cfg: PGSegPretrainConfig) -> None:
     """Checks that need the model registry (or the weights file), before Ray starts."""
-    from wsss_ray.models.pgseg import SIZES, PartialCheckpointError
+    from wsss_ray.models.pgseg import SIZES, PartialCheckpointError, UntrustedPickleError
 
     if cfg.model.size not in SIZES:
         raise ConfigError(
@@ -207,5 +207,5 @@ def check_config(cfg: PGSegPretrainConfig) -> None:
     if cfg.model.pretrained:  # a checkpoint that does not fit fails here, not in a worker
         try:
             load_pretrained(build_pgseg(cfg), cfg.model.pretrained, cfg.model.allow_partial_init)
-        except PartialCheckpointError as err:
+        except (PartialCheckpointError, UntrustedPickleError) as err:
             raise ConfigError(f"config error: model.pretrained: {err}") from None

@@ -60,7 +60,7 @@ def row_classes(num_fg: int, num_rows: int) -> torch.Tensor:
 def _phase1_prototypes(cfg: VPLTrainConfig, num_classes: int) -> dict:
     from wsss_ray.config import prototypes_path
 
-    saved = torch.load(prototypes_path(cfg), map_location="cpu", weights_only=False)
+    saved = torch.load(prototypes_path(cfg), map_location="cpu", weights_only=True)
     if saved["num_fg"] != num_classes - 1:
         raise ValueError(
             f"prototypes have {saved['num_fg']} foreground classes, the dataset "
