@@ -25,6 +25,7 @@ machine description to ``--out`` as JSON. See docs/PERFORMANCE.md.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from dataclasses import fields
@@ -53,44 +54,23 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"not a boolean: {text}")
 
 
-def _common(p: argparse.ArgumentParser, repeats: int, warmup: int | None) -> None:
+def _common(p: argparse.ArgumentParser, c: Any) -> None:
+    """The flags every subcommand has: --out, and --repeats / --warmup where its config has them."""
     p.add_argument("--out", default=None, help="write every figure as JSON to this file")
+    for name, what in (("repeats", "interleaved rounds"), ("warmup", "unrecorded rounds first")):
+        if hasattr(c, name):
+            default = getattr(c, name)
+            p.add_argument(
+                f"--{name}", type=int, default=default, help=f"{what} (default {default})"
+            )
+
+
+def _data_flags(p: argparse.ArgumentParser, c: Any, cpus: int) -> None:
+    p.add_argument("--num-images", type=int, default=c.num_images, help="synthetic images")
+    p.add_argument("--source-size", type=int, default=c.source_size, help="JPEG side (px)")
+    p.add_argument("--image-size", type=int, default=c.image_size, help="crop side (px)")
     p.add_argument(
-        "--repeats", type=int, default=repeats, help=f"interleaved rounds (default {repeats})"
-    )
-    if warmup is not None:
-        p.add_argument(
-            "--warmup", type=int, default=warmup, help=f"unrecorded rounds first (default {warmup})"
-        )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from wsss_ray.bench.data import DataBenchConfig
-    from wsss_ray.bench.eval import EvalBenchConfig
-    from wsss_ray.bench.train import TrainBenchConfig
-
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    parser = argparse.ArgumentParser(
-        prog="benchmark.py",
-        description=__doc__,
-        epilog="Run 'benchmark.py SUBCOMMAND --help' for each subcommand's flags.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
-
-    d = DataBenchConfig()
-    p = sub.add_parser(
-        "data",
-        help="images/s: Ray Data pipeline vs webdataset + DataLoader vs the decode ceiling",
-        description="Ray Data image-text pipeline (decode + RandomResizedCrop + tokenize, "
-        "consumed by iter_torch_batches) vs webdataset + torch DataLoader with as many workers, "
-        "vs one core's decode + crop rate times the cores.",
-    )
-    p.add_argument("--num-images", type=int, default=d.num_images, help="synthetic images")
-    p.add_argument("--source-size", type=int, default=d.source_size, help="JPEG side (px)")
-    p.add_argument("--image-size", type=int, default=d.image_size, help="crop side (px)")
-    p.add_argument(
-        "--samples-per-shard", type=int, default=d.samples_per_shard, help="images per tar"
+        "--samples-per-shard", type=int, default=c.samples_per_shard, help="images per tar"
     )
     p.add_argument(
         "--cpus",
@@ -101,25 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--actors",
         type=int,
-        default=d.actors,
+        default=c.actors,
         help="decode actors of ours, sharing the --cpus CPUs (cpus/actors each; 0: one per CPU)",
     )
-    p.add_argument("--decode-batch", type=int, default=d.decode_batch, help="rows per decode call")
-    p.add_argument("--batch", type=int, default=d.batch, help="consumer batch size")
+    p.add_argument("--decode-batch", type=int, default=c.decode_batch, help="rows per decode call")
+    p.add_argument("--batch", type=int, default=c.batch, help="consumer batch size")
     p.add_argument(
-        "--ceiling-images", type=int, default=d.ceiling_images, help="images for the 1-core rate"
+        "--ceiling-images", type=int, default=c.ceiling_images, help="images for the 1-core rate"
     )
-    p.add_argument("--data-dir", default=d.data_dir, help="where the synthetic shards are kept")
+    p.add_argument("--data-dir", default=c.data_dir, help="where the synthetic shards are kept")
     p.add_argument("--shards", type=_paths, default=[], help=SHARDS_HELP)
-    _common(p, d.repeats, d.warmup)
 
-    p = sub.add_parser(
-        "npr",
-        help="EM prototypes + Hungarian + L_PG vs the PGSeg forward+backward",
-        description="Per batch size: the PGSeg step (forward+backward) vs EM prototypes + "
-        "Hungarian matching + L_PG on the same tensors; batched EM vs a per-sample loop; "
-        "Hungarian serial vs threads.",
-    )
+
+def _npr_flags(p: argparse.ArgumentParser, c: Any, cpus: int) -> None:
     p.add_argument("--size", default="vit_s", choices=["tiny", "vit_s"], help="PGSeg size")
     p.add_argument(
         "--batches",
@@ -144,27 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threads", type=int, default=0, help="torch threads (default 1 on CPU, all on CUDA)"
     )
-    _common(p, 3, 1)
 
-    t = TrainBenchConfig()
-    p = sub.add_parser(
-        "train",
-        help="PGSeg samples/s and step-time breakdown on Ray Train + DeepSpeed (+ MFU on GPU)",
-        description="The PGSeg training step on Ray Train + DeepSpeed + Ray Data, timed by "
-        "phase (data wait, forward, backward, optimizer, bookkeeping, communication), vs the "
-        "same task in a bare torch loop on an in-memory batch; FLOPs by FlopCounterMode, MFU "
-        "on CUDA only.",
-    )
-    p.add_argument("--size", default=t.size, choices=["tiny", "vit_s"], help="PGSeg size")
+
+def _train_flags(p: argparse.ArgumentParser, c: Any, cpus: int) -> None:
+    p.add_argument("--size", default=c.size, choices=["tiny", "vit_s"], help="PGSeg size")
     p.add_argument(
         "--batch", type=int, default=0, help="per worker (default 32 tiny; vit_s 8 CPU, 128 GPU)"
     )
-    p.add_argument("--workers", type=int, default=t.workers, help="Ray Train workers")
-    p.add_argument("--cpus-per-worker", type=int, default=t.cpus_per_worker)
-    p.add_argument("--decode-actors", type=int, default=t.decode_actors)
-    p.add_argument("--steps", type=int, default=t.steps, help="measured steps per run")
-    p.add_argument("--warmup-steps", type=int, default=t.warmup_steps)
-    p.add_argument("--zero-stage", type=int, default=t.zero_stage)
+    p.add_argument("--workers", type=int, default=c.workers, help="Ray Train workers")
+    p.add_argument("--cpus-per-worker", type=int, default=c.cpus_per_worker)
+    p.add_argument("--decode-actors", type=int, default=c.decode_actors)
+    p.add_argument("--steps", type=int, default=c.steps, help="measured steps per run")
+    p.add_argument("--warmup-steps", type=int, default=c.warmup_steps)
+    p.add_argument("--zero-stage", type=int, default=c.zero_stage)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--use-gpu", type=_bool, default=None, help="default: when CUDA is present")
     p.add_argument(
@@ -187,68 +153,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--decode-device",
-        default=t.decode_device,
+        default=c.decode_device,
         choices=["cpu", "cuda"],
         help="ours: data.decode_device (cuda = JPEG decode on the train workers' GPUs)",
     )
-    p.add_argument("--data-dir", default=t.data_dir)
+    p.add_argument("--data-dir", default=c.data_dir)
     p.add_argument("--shards", type=_paths, default=[], help=SHARDS_HELP)
-    p.add_argument("--storage", default=t.storage, help="Ray Train storage of the runs")
-    _common(p, t.repeats, None)
+    p.add_argument("--storage", default=c.storage, help="Ray Train storage of the runs")
 
-    e = EvalBenchConfig()
-    p = sub.add_parser(
-        "eval",
-        help="images/s of zero-shot segmentation and pseudo-label generation",
-        description="Zero-shot segmentation (PGSeg tiny, untrained) and VPL pseudo-labels "
-        "(GradCAM + CAA on a random wsss-tiny CLIP) as Ray Data batch inference vs the same "
-        "callable in a plain in-process loop, on the synthetic VOC-layout set.",
-    )
-    p.add_argument("--num-images", type=int, default=e.num_images)
-    p.add_argument("--image-size", type=int, default=e.image_size)
+
+def _eval_flags(p: argparse.ArgumentParser, c: Any, cpus: int) -> None:
+    p.add_argument("--num-images", type=int, default=c.num_images)
+    p.add_argument("--image-size", type=int, default=c.image_size)
     p.add_argument("--cpus", type=int, default=cpus, help="one-CPU actors of ours")
     p.add_argument(
-        "--plain-threads", type=int, default=e.plain_threads, help="torch threads of the plain loop"
+        "--plain-threads", type=int, default=c.plain_threads, help="torch threads of the plain loop"
     )
-    p.add_argument("--batch", type=int, default=e.batch, help="images per map_batches call")
-    p.add_argument("--short-side", type=int, default=e.short_side, help="zero-shot resize")
-    p.add_argument("--window", type=int, default=e.window)
-    p.add_argument("--stride", type=int, default=e.stride)
+    p.add_argument("--batch", type=int, default=c.batch, help="images per map_batches call")
+    p.add_argument("--short-side", type=int, default=c.short_side, help="zero-shot resize")
+    p.add_argument("--window", type=int, default=c.window)
+    p.add_argument("--stride", type=int, default=c.stride)
     p.add_argument(
         "--what",
-        default=",".join(e.what),
+        default=",".join(c.what),
         help="comma-separated: zero_shot,pseudo_labels (default both)",
     )
-    p.add_argument("--data-dir", default=e.data_dir)
-    _common(p, e.repeats, e.warmup)
+    p.add_argument("--data-dir", default=c.data_dir)
 
-    from wsss_ray.bench.serve import ServeBenchConfig
 
-    v = ServeBenchConfig()
-    p = sub.add_parser(
-        "serve",
-        help="requests/s and p50/p99 latency of the Ray Serve app vs the Segmenter in-process",
-        description="POST /segment on 127.0.0.1 under a bounded concurrent load (one replica, "
-        "dynamic batching) vs Segmenter.predict called directly in this process.",
-    )
-    p.add_argument("--size", default=v.size, choices=["tiny_seg", "tiny", "vit_s"])
-    p.add_argument("--image-size", type=int, default=v.image_size, help="JPEG side (px)")
-    p.add_argument("--requests", type=int, default=v.requests, help="requests per round")
-    p.add_argument("--concurrency", type=int, default=v.concurrency, help="clients at once")
-    p.add_argument("--max-batch-size", type=int, default=v.max_batch_size)
-    _common(p, v.repeats, v.warmup)
+def _serve_flags(p: argparse.ArgumentParser, c: Any, cpus: int) -> None:
+    p.add_argument("--size", default=c.size, choices=["tiny_seg", "tiny", "vit_s"])
+    p.add_argument("--image-size", type=int, default=c.image_size, help="JPEG side (px)")
+    p.add_argument("--requests", type=int, default=c.requests, help="requests per round")
+    p.add_argument("--concurrency", type=int, default=c.concurrency, help="clients at once")
+    p.add_argument("--max-batch-size", type=int, default=c.max_batch_size)
 
-    from wsss_ray.bench.decode import DecodeBenchConfig
-    from wsss_ray.bench.scale import ScaleBenchConfig
 
-    c = DecodeBenchConfig()
-    p = sub.add_parser(
-        "decode",
-        help="images/s of the CPU decode, the CPU parse (GPU-decode mode) and the GPU decode",
-        description="Per core: the decode actors' decode + crop + tokenize, and what they do "
-        "when the GPU decodes (header, crop box, tokenize); on CUDA: batched nvJPEG + crops; "
-        "with --step-rate, the decode cores each GPU needs (docs/DATA.md).",
-    )
+def _decode_flags(p: argparse.ArgumentParser, c: Any, cpus: int) -> None:
     p.add_argument("--num-images", type=int, default=c.num_images)
     p.add_argument("--source-size", type=int, default=c.source_size, help="JPEG side (px)")
     p.add_argument("--image-size", type=int, default=c.image_size, help="crop side (px)")
@@ -256,30 +197,103 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--step-rate", type=float, default=c.step_rate, help="samples/s of one GPU's step"
     )
-    _common(p, c.repeats, None)
 
-    sc = ScaleBenchConfig()
-    p = sub.add_parser(
-        "scale",
-        help="start-up and memory of the training data path at 30 / 3,000 / 30,000 shards",
-        description="Seconds to the first batch and driver / Ray actor memory for growing "
-        "shard counts (tiny one-sample shards), memory over several executions, and the old "
-        "one-block-per-shard input at --baseline-shards for comparison.",
-    )
+
+def _scale_flags(p: argparse.ArgumentParser, c: Any, cpus: int) -> None:
     p.add_argument(
         "--shard-counts",
         type=lambda t: tuple(_ints(t)),
-        default=sc.shard_counts,
+        default=c.shard_counts,
         help="comma-separated (default 30,3000,30000)",
     )
-    p.add_argument("--passes", type=int, default=sc.passes, help="data.passes_per_execution")
-    p.add_argument("--executions", type=int, default=sc.executions)
-    p.add_argument("--actors", type=int, default=sc.actors, help="decode actors")
-    p.add_argument(
-        "--baseline-shards", type=int, default=sc.baseline_shards, help="0 = no baseline"
+    p.add_argument("--passes", type=int, default=c.passes, help="data.passes_per_execution")
+    p.add_argument("--executions", type=int, default=c.executions)
+    p.add_argument("--actors", type=int, default=c.actors, help="decode actors")
+    p.add_argument("--baseline-shards", type=int, default=c.baseline_shards, help="0 = no baseline")
+    p.add_argument("--data-dir", default=c.data_dir)
+
+
+#: subcommand -> (its module's config class, its flags, one-line help, description); the
+#: module's ``run(config, out)`` measures it and returns the Report
+SUBCOMMANDS = {
+    "data": (
+        "wsss_ray.bench.data:DataBenchConfig",
+        _data_flags,
+        "images/s: Ray Data pipeline vs webdataset + DataLoader vs the decode ceiling",
+        "Ray Data image-text pipeline (decode + RandomResizedCrop + tokenize, "
+        "consumed by iter_torch_batches) vs webdataset + torch DataLoader with as many workers, "
+        "vs one core's decode + crop rate times the cores.",
+    ),
+    "npr": (
+        "wsss_ray.bench.npr:NPRBenchConfig",
+        _npr_flags,
+        "EM prototypes + Hungarian + L_PG vs the PGSeg forward+backward",
+        "Per batch size: the PGSeg step (forward+backward) vs EM prototypes + "
+        "Hungarian matching + L_PG on the same tensors; batched EM vs a per-sample loop; "
+        "Hungarian serial vs threads.",
+    ),
+    "train": (
+        "wsss_ray.bench.train:TrainBenchConfig",
+        _train_flags,
+        "PGSeg samples/s and step-time breakdown on Ray Train + DeepSpeed (+ MFU on GPU)",
+        "The PGSeg training step on Ray Train + DeepSpeed + Ray Data, timed by "
+        "phase (data wait, forward, backward, optimizer, bookkeeping, communication), vs the "
+        "same task in a bare torch loop on an in-memory batch; FLOPs by FlopCounterMode, MFU "
+        "on CUDA only.",
+    ),
+    "eval": (
+        "wsss_ray.bench.eval:EvalBenchConfig",
+        _eval_flags,
+        "images/s of zero-shot segmentation and pseudo-label generation",
+        "Zero-shot segmentation (PGSeg tiny, untrained) and VPL pseudo-labels "
+        "(GradCAM + CAA on a random wsss-tiny CLIP) as Ray Data batch inference vs the same "
+        "callable in a plain in-process loop, on the synthetic VOC-layout set.",
+    ),
+    "serve": (
+        "wsss_ray.bench.serve:ServeBenchConfig",
+        _serve_flags,
+        "requests/s and p50/p99 latency of the Ray Serve app vs the Segmenter in-process",
+        "POST /segment on 127.0.0.1 under a bounded concurrent load (one replica, "
+        "dynamic batching) vs Segmenter.predict called directly in this process.",
+    ),
+    "decode": (
+        "wsss_ray.bench.decode:DecodeBenchConfig",
+        _decode_flags,
+        "images/s of the CPU decode, the CPU parse (GPU-decode mode) and the GPU decode",
+        "Per core: the decode actors' decode + crop + tokenize, and what they do "
+        "when the GPU decodes (header, crop box, tokenize); on CUDA: batched nvJPEG + crops; "
+        "with --step-rate, the decode cores each GPU needs (docs/DATA.md).",
+    ),
+    "scale": (
+        "wsss_ray.bench.scale:ScaleBenchConfig",
+        _scale_flags,
+        "start-up and memory of the training data path at 30 / 3,000 / 30,000 shards",
+        "Seconds to the first batch and driver / Ray actor memory for growing "
+        "shard counts (tiny one-sample shards), memory over several executions, and the old "
+        "one-block-per-shard input at --baseline-shards for comparison.",
+    ),
+}
+
+
+def _config_class(command: str) -> type:
+    module, _, name = SUBCOMMANDS[command][0].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    parser = argparse.ArgumentParser(
+        prog="benchmark.py",
+        description=__doc__,
+        epilog="Run 'benchmark.py SUBCOMMAND --help' for each subcommand's flags.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--data-dir", default=sc.data_dir)
-    p.add_argument("--out", default=None, help="write every figure as JSON to this file")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+    for command, (_, flags, help_, description) in SUBCOMMANDS.items():
+        p = sub.add_parser(command, help=help_, description=description)
+        c = _config_class(command)()
+        flags(p, c, cpus)
+        _common(p, c)
     return parser
 
 
@@ -292,39 +306,16 @@ def _fill(cls: type, args: argparse.Namespace, **extra: Any):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "data":
-        from wsss_ray.bench.data import DataBenchConfig, run
-
-        report = run(_fill(DataBenchConfig, args), args.out)
-    elif args.command == "npr":
-        from wsss_ray.bench.npr import NPRBenchConfig, run
-
-        report = run(_fill(NPRBenchConfig, args), args.out)
-    elif args.command == "train":
-        from wsss_ray.bench.train import TrainBenchConfig, run
-
-        report = run(_fill(TrainBenchConfig, args), args.out)
-    elif args.command == "decode":
-        from wsss_ray.bench.decode import DecodeBenchConfig, run
-
-        report = run(_fill(DecodeBenchConfig, args), args.out)
-    elif args.command == "scale":
-        from wsss_ray.bench.scale import ScaleBenchConfig, run
-
-        report = run(_fill(ScaleBenchConfig, args), args.out)
-    elif args.command == "serve":
-        from wsss_ray.bench.serve import ServeBenchConfig, run
-
-        report = run(_fill(ServeBenchConfig, args), args.out)
-    else:
-        from wsss_ray.bench.eval import EvalBenchConfig, run
-
+    extra: dict[str, Any] = {}
+    if args.command == "eval":
         what = tuple(w.strip() for w in args.what.split(",") if w.strip())
         bad = sorted(set(what) - {"zero_shot", "pseudo_labels"})
         if bad:
             print(f"benchmark eval: unknown --what {bad}", file=sys.stderr)
             return 2
-        report = run(_fill(EvalBenchConfig, args, what=what), args.out)
+        extra["what"] = what
+    cls = _config_class(args.command)
+    report = sys.modules[cls.__module__].run(_fill(cls, args, **extra), args.out)
     print("\n" + report.render(), flush=True)
     if args.out:
         print(f"\n[bench] wrote {args.out}", flush=True)

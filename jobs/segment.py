@@ -83,21 +83,11 @@ def _probe():
 def _run(a, todo, names, kwargs) -> list[tuple[str, str]]:
     import ray
 
-    from wsss_ray.eval.collect import progress
+    from wsss_ray.eval.collect import on_actor_pool, progress
     from wsss_ray.inference.batch import SegmentActor
-    from wsss_ray.runtime import cluster_has_gpus, start_ray
 
-    start_ray(a.actors[1] * a.cpus_per_actor + 1)
-    gpus = a.gpus_per_actor if a.gpus_per_actor >= 0 else float(cluster_has_gpus())
-    ds = ray.data.from_items(todo).map_batches(
-        SegmentActor,
-        fn_constructor_args=(a.checkpoint, names, a.out),
-        fn_constructor_kwargs=kwargs,
-        batch_size=a.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=a.actors[0], max_size=a.actors[1]),
-        num_cpus=a.cpus_per_actor,
-        num_gpus=gpus,
-        batch_format="numpy",
+    ds = on_actor_pool(
+        lambda: ray.data.from_items(todo), SegmentActor, (a.checkpoint, names, a.out), a, 0, kwargs
     )
     done, failed, t0, next_print = 0, [], time.perf_counter(), 0.1
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

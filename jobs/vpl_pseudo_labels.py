@@ -17,15 +17,11 @@ from __future__ import annotations
 
 import sys
 
-from wsss_ray.config import VPLConfig, parse_job_args
+from wsss_ray.config import VPLConfig, run_job
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_job_args(VPLConfig, __doc__, argv)
-    from wsss_ray.eval.vpl import run_pseudo_labels
-
-    run_pseudo_labels(cfg)
-    return 0
+    return run_job(VPLConfig, __doc__, "wsss_ray.eval.vpl:run_pseudo_labels", argv)
 
 
 if __name__ == "__main__":

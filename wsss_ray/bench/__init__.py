@@ -10,6 +10,11 @@
 - :mod:`wsss_ray.bench.eval`: zero-shot segmentation and pseudo-label generation as Ray Data
   batch inference vs a plain in-process loop.
 
+:mod:`wsss_ray.bench.common` is the harness they share (``jobs/benchmark.py`` builds each
+subcommand's flags from its config and calls its ``run(config, out)``): ``rounds`` starts the
+embedded Ray when asked, says what is measured and interleaves the runners; ``Stat``, ratios,
+targets, tables and the report. A benchmark module holds only what it measures.
+
 Every subcommand returns a JSON-able report (:class:`wsss_ray.bench.common.Report`) with the raw
 repeats, medians and spreads, ratios and the speed targets; targets live here, never in tests.
 """

@@ -69,6 +69,10 @@ class Stat:
             "values": list(self.values),
         }
 
+    def scaled(self, factor: float, unit: str | None = None) -> Stat:
+        """Every value times ``factor`` (e.g. a ratio per core), in ``unit`` (default: the same)."""
+        return Stat([v * factor for v in self.values], self.unit if unit is None else unit)
+
 
 def _num(x: float, digits: int) -> str:
     if x != x:  # nan
@@ -113,6 +117,19 @@ def interleave(
     return out
 
 
+def rounds(
+    runners: dict[str, Runner], cfg: Any, what: str, ray_cpus: int | None = None
+) -> dict[str, dict[str, Stat]]:
+    """A benchmark's measured rounds: the embedded Ray for ``ray_cpus`` actors started first
+    (:func:`start_bench_ray`, when given), ``what`` is measured said, then :func:`interleave`
+    of the runners over ``cfg.warmup`` (0 when it has none) + ``cfg.repeats`` rounds, logged."""
+    if ray_cpus is not None:
+        start_bench_ray(ray_cpus)
+    warmup = getattr(cfg, "warmup", 0)
+    say(f"{what}; {warmup} warm-up + {cfg.repeats} interleaved rounds of {', '.join(runners)}")
+    return interleave(runners, cfg.repeats, warmup, log=say)
+
+
 @dataclass
 class Target:
     """A speed target: ``measured op threshold`` (op is ``>=`` or ``<=``). ``measured`` None:
@@ -139,15 +156,8 @@ class Target:
         return [self.name, f"{self.op} {self.threshold:g}{self.unit}", value, verdict, self.note]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "measured": self.measured,
-            "op": self.op,
-            "threshold": self.threshold,
-            "unit": self.unit,
-            "met": self.met,
-            "note": self.note,
-        }
+        keys = ("name", "measured", "op", "threshold", "unit", "met", "note")
+        return {k: getattr(self, k) for k in keys}
 
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:

@@ -39,11 +39,10 @@ from wsss_ray.bench.common import (
     Report,
     Target,
     consume,
-    interleave,
     paired_ratio,
     rate_cells,
+    rounds,
     say,
-    start_bench_ray,
     stat_row,
 )
 
@@ -297,22 +296,16 @@ def run(cfg: DataBenchConfig, out: str | None = None) -> Report:
     paths = make_shards(cfg)
     raw = load_raw(paths, cfg.ceiling_images)
     # the actors, one read task at a time, and nothing else: the same CPUs as the DataLoader
-    start_bench_ray(cfg.cpus)
-    say(
-        f"{len(paths)} shards, crop {cfg.image_size}, {cfg.cpus} CPUs; "
-        f"{cfg.warmup} warm-up + {cfg.repeats} interleaved rounds (ceiling, plain, ours, "
-        "ours fused)"
-    )
-    res = interleave(
+    res = rounds(
         {
             "ceiling": lambda: ceiling_pass(raw, cfg),
             "plain": lambda: plain_pass(paths, cfg),
             "ours": lambda: ours_pass(paths, cfg, "read_webdataset"),
             "ours_fused": lambda: ours_pass(paths, cfg, "fused"),
         },
-        cfg.repeats,
-        cfg.warmup,
-        log=say,
+        cfg,
+        f"{len(paths)} shards, crop {cfg.image_size}, {cfg.cpus} CPUs",
+        ray_cpus=cfg.cpus,
     )
     ours, fused, plain, ceil = res["ours"], res["ours_fused"], res["plain"], res["ceiling"]
     vs_plain = paired_ratio(ours["images_per_s"], plain["images_per_s"])

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from wsss_ray.bench.common import Report, Stat, Target, say
+from wsss_ray.bench.common import Report, Target, rounds
 
 
 @dataclass
@@ -171,17 +171,14 @@ def gpu_rate(jpegs: list[bytes], cfg: DecodeBenchConfig) -> dict[str, float]:
 
 def run(cfg: DecodeBenchConfig, out: str | None = None) -> Report:
     report = Report("decode", asdict(cfg))
-    say(f"{cfg.num_images} JPEGs of {cfg.source_size} px, crops of {cfg.image_size}")
     jpegs = photo_jpegs(cfg.num_images, cfg.source_size)
     cuda = torch.cuda.is_available()
-    stats: dict[str, Stat] = {}
-    for r in range(cfg.repeats):
-        got = cpu_rates(jpegs, cfg)
-        if cuda:
-            got.update(gpu_rate(jpegs, cfg))
-        for k, v in got.items():
-            stats.setdefault(k, Stat([])).values.append(v)
-        say(f"  [{r + 1}/{cfg.repeats}] " + ", ".join(f"{k} {v:.4g}" for k, v in got.items()))
+
+    def rates() -> dict[str, float]:
+        return {**cpu_rates(jpegs, cfg), **(gpu_rate(jpegs, cfg) if cuda else {})}
+
+    setup = f"{cfg.num_images} JPEGs of {cfg.source_size} px, crops of {cfg.image_size}"
+    stats = rounds({"decode": rates}, cfg, setup)["decode"]
     report.figures = dict(stats)
     rows = [
         ["CPU decode + crop (decode_device=cpu), one core", stats["decode_per_core"].fmt()],

@@ -28,17 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsss_ray.bench.common import (
-    Report,
-    Stat,
-    consume,
-    interleave,
-    paired_ratio,
-    rate_cells,
-    say,
-    start_bench_ray,
-    stat_row,
-)
+from wsss_ray.bench.common import Report, consume, paired_ratio, rate_cells, rounds, say, stat_row
 
 
 @dataclass
@@ -173,7 +163,6 @@ def run(cfg: EvalBenchConfig, out: str | None = None) -> Report:
     report = Report("eval", asdict(cfg))
     source = _source(cfg)
     batches = _row_batches(source, cfg.batch)
-    start_bench_ray(cfg.cpus)
     builders = {"zero_shot": _zero_shot_actor, "pseudo_labels": _pseudo_label_actor}
     labels = {
         "zero_shot": f"zero-shot segmentation (PGSeg {cfg.size}, {cfg.short_side}px)",
@@ -184,17 +173,14 @@ def run(cfg: EvalBenchConfig, out: str | None = None) -> Report:
         actor = builders[what](cfg, source)
         runners[f"{what}/plain"] = lambda a=actor: plain_pass(a, batches, cfg.plain_threads)
         runners[f"{what}/ours"] = lambda a=actor: ours_pass(a, source, cfg)
-    say(
-        f"{len(source.records)} images, {cfg.cpus} CPUs, batch {cfg.batch}; "
-        f"{cfg.warmup} warm-up + {cfg.repeats} interleaved rounds of {list(runners)}"
-    )
-    res = interleave(runners, cfg.repeats, cfg.warmup, log=say)
+    setup = f"{len(source.records)} images, {cfg.cpus} CPUs, batch {cfg.batch}"
+    res = rounds(runners, cfg, setup, ray_cpus=cfg.cpus)
     rows, ratio_rows, figures = [], [], {}
     for what in cfg.what:
         ours, plain = res[f"{what}/ours"], res[f"{what}/plain"]
         ratio = paired_ratio(ours["images_per_s"], plain["images_per_s"])
         scale = cfg.cpus / cfg.plain_threads
-        efficiency = Stat([r / scale for r in ratio.values], "x")
+        efficiency = ratio.scaled(1 / scale)
         for name, r in (
             (f"ours: Ray Data, {cfg.cpus} one-CPU actors", ours),
             (f"plain: in-process loop, {cfg.plain_threads} torch thread(s)", plain),

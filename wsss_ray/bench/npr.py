@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from wsss_ray.bench.common import Report, Stat, Target, interleave, paired_ratio, say
+from wsss_ray.bench.common import Report, Stat, Target, interleave, paired_ratio, rounds, say
 
 GPU_BATCHES = (64, 256, 1024)
 CPU_BATCHES = (2, 4, 8)
@@ -234,9 +234,8 @@ def run(cfg: NPRBenchConfig, out: str | None = None) -> Report:
         }
         if no_pg is not None:
             runners["step_no_pg"] = lambda x=batch: step_once(no_pg, x, device)
-        say(f"batch {b}")
         try:
-            res = interleave(runners, cfg.repeats, cfg.warmup, log=say)
+            res = rounds(runners, cfg, f"batch {b}")
         except torch.OutOfMemoryError:
             report.notes.append(f"batch {b}: out of memory, skipped")
             say(f"batch {b}: out of memory, skipped")

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from wsss_ray.bench.common import Report, Target, interleave, paired_ratio, say
+from wsss_ray.bench.common import Report, Target, paired_ratio, rounds
 
 CLASSES = "circle,square,triangle"
 
@@ -85,7 +85,6 @@ def run(cfg: ServeBenchConfig, out: str | None = None) -> Report:
     )
     url = f"http://127.0.0.1:{port}/segment?classes={CLASSES}"
     session = requests.Session()
-    say(f"serve bench: {cfg.requests} requests, concurrency {cfg.concurrency}, {url}")
 
     def direct() -> dict[str, float]:
         lat = []
@@ -111,7 +110,8 @@ def run(cfg: ServeBenchConfig, out: str | None = None) -> Report:
         return _figures(cfg.requests, total, lat)
 
     try:
-        res = interleave({"direct": direct, "serve": served}, cfg.repeats, cfg.warmup, say)
+        setup = f"serve bench: {cfg.requests} requests, concurrency {cfg.concurrency}, {url}"
+        res = rounds({"direct": direct, "serve": served}, cfg, setup)
     finally:
         serve.shutdown()
         tmp.cleanup()

@@ -40,6 +40,7 @@ from wsss_ray.bench.common import (
     paired_ratio,
     peak_bf16_tflops,
     say,
+    start_bench_ray,
     stat_row,
 )
 
@@ -187,7 +188,6 @@ def _flatten(summary: dict) -> dict[str, float]:
 def run(bench: TrainBenchConfig, out: str | None = None) -> Report:
     from wsss_ray.bench.data import DataBenchConfig, make_shards
     from wsss_ray.models.pgseg import SIZES
-    from wsss_ray.runtime import start_ray
 
     bench = bench.resolved()
     report = Report("train", asdict(bench))
@@ -216,10 +216,8 @@ def run(bench: TrainBenchConfig, out: str | None = None) -> Report:
         + ("Ray Train in-memory, " if bench.isolate else "")
         + "ours}"
     )
-    start_ray(  # first: Ray's processes must not inherit this process's torch.distributed
-        bench.workers * bench.cpus_per_worker + bench.decode_actors + 1,
-        bench.workers * bench.cpus_per_worker + bench.decode_actors + 1,
-    )
+    # first: Ray's processes must not inherit this process's torch.distributed
+    start_bench_ray(bench.workers * bench.cpus_per_worker + bench.decode_actors)
     plain = PlainLoop(cfg, bench)
     flops = plain.flops_per_sample()
     ds_loop = DeepSpeedLoop(cfg, bench)
