@@ -197,6 +197,12 @@ def _decode_flags(p: argparse.ArgumentParser, c: Any, cpus: int) -> None:
     p.add_argument(
         "--step-rate", type=float, default=c.step_rate, help="samples/s of one GPU's step"
     )
+    p.add_argument(
+        "--with-step",
+        type=_bool,
+        default=c.with_step,
+        help="CUDA: also time the vit_s PGSeg step with the GPU decode inside and without",
+    )
 
 
 def _scale_flags(p: argparse.ArgumentParser, c: Any, cpus: int) -> None:

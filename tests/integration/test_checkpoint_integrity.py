@@ -4,29 +4,17 @@ makes the resume fall back to the previous intact one with a warning, and the ru
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests._jobs import ROOT, tiny_clip_job
 
 pytestmark = pytest.mark.slow  # two training jobs, ~3 min on 2 cores
 
 
 def _job(out: Path, steps: int) -> subprocess.CompletedProcess:
-    args = [
-        sys.executable,
-        "jobs/pretrain_clip.py",
-        "--config",
-        "configs/clip/tiny.yaml",
-        f"run.output_dir={out}",
-        f"train.max_steps={steps}",
-        "train.ckpt_every=10",
-        "train.log_every=10",
-        "data.synthetic.num_images=256",
-        "tracking.enabled=false",
-    ]
+    args = tiny_clip_job(out, steps, "tracking.enabled=false")
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 

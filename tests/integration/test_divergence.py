@@ -4,29 +4,16 @@
 from __future__ import annotations
 
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests._jobs import ROOT, tiny_clip_job
 
 pytestmark = pytest.mark.slow  # one training job, ~1 min on 2 cores
 
 
 def test_a_frozen_loss_warns_and_exits_1(tmp_path):
-    args = [
-        sys.executable,
-        "jobs/pretrain_clip.py",
-        "--config",
-        "configs/clip/tiny.yaml",
-        f"run.output_dir={tmp_path}",
-        "optim.lr=1e3",
-        "train.max_steps=40",
-        "train.log_every=5",
-        "train.ckpt_every=40",
-        "data.synthetic.num_images=256",
-    ]
+    args = tiny_clip_job(tmp_path, 40, "optim.lr=1e3", "train.log_every=5", "train.ckpt_every=40")
     out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
     text = out.stdout + out.stderr
     assert out.returncode == 1, text[-3000:]

@@ -6,28 +6,16 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests._jobs import ROOT, tiny_clip_job
 
 
 def _job(out: Path, steps: int) -> list[str]:
-    return [
-        sys.executable,
-        "jobs/pretrain_clip.py",
-        "--config",
-        "configs/clip/tiny.yaml",
-        f"run.output_dir={out}",
-        f"train.max_steps={steps}",
-        "train.ckpt_every=10",
-        "train.log_every=10",
-        "data.synthetic.num_images=256",
-        "tracking.enabled=false",
-    ]
+    return tiny_clip_job(out, steps, "tracking.enabled=false")
 
 
 def _stop_after_first_checkpoint(out: Path, sig: signal.Signals) -> tuple[int, float, str]:

@@ -177,7 +177,11 @@ def cluster_side_paths(monkeypatch):
         exists=lambda p: remote(p) or os.path.exists(p),
     )
     fake_glob = _Proxy(
-        glob, glob=lambda pattern, **kw: [pattern] if remote(pattern) else glob.glob(pattern, **kw)
+        glob,
+        glob=lambda pattern, **kw: [pattern] if remote(pattern) else glob.glob(pattern, **kw),
+        iglob=lambda pattern, **kw: (
+            iter([pattern]) if remote(pattern) else glob.iglob(pattern, **kw)
+        ),
     )
 
     for module in (config_module.common, config_module.seg, config_module.pgseg, config_module.vpl):

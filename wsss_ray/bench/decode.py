@@ -37,6 +37,7 @@ class DecodeBenchConfig:
     batch: int = 128
     repeats: int = 3
     step_rate: float = 0.0
+    with_step: bool = False  # CUDA: also the vit_s step with and without the decode inside
 
 
 def photo_jpegs(n: int, side: int, seed: int = 0) -> list[bytes]:
@@ -116,11 +117,12 @@ def _boxes(jpegs: list[bytes], cfg: DecodeBenchConfig) -> tuple[torch.Tensor, to
 
 
 def _timed(fn, reps: int = 1) -> float:
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()
-    torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - t0
 
 
@@ -169,13 +171,62 @@ def gpu_rate(jpegs: list[bytes], cfg: DecodeBenchConfig) -> dict[str, float]:
     return out
 
 
+def step_overhead(
+    jpegs: list[bytes], cfg: DecodeBenchConfig, steps: int = 10, device: str = "cuda"
+) -> dict[str, float]:
+    """CUDA only: seconds per vit_s PGSeg training step (bf16 autocast, fused AdamW) on a batch
+    already on the GPU, and with the batch's GPU decode inside the step (``_prepare`` of the
+    JPEG columns, as a train worker with ``data.decode_device=cuda`` runs it)."""
+    from wsss_ray.config import PGSegPretrainConfig, load_config
+    from wsss_ray.tasks import build_task
+    from wsss_ray.train.loop import _prepare
+
+    b = cfg.batch
+    overrides = ["model.size=vit_s", f"data.image_size={cfg.image_size}", "train.max_steps=1"]
+    pcfg = load_config(PGSegPretrainConfig, None, overrides)
+    dev = torch.device(device)
+    task = build_task(pcfg).to(dev).train()
+    opt = torch.optim.AdamW(task.parameters(), lr=1e-5, fused=dev.type == "cuda")
+    raw = (jpegs * (b // len(jpegs) + 1))[:b]
+    rows = {"__key__": [str(i) for i in range(b)], "jpg": raw, "txt": [b"a photo of a cat"] * b}
+    parsed = _decoder(cfg, True)(rows)  # the columns jpeg_collate_fn makes (no Ray needed)
+    jpeg_batch = {
+        k: torch.as_tensor(np.ascontiguousarray(v)) for k, v in parsed.items() if k != "jpeg"
+    }
+    jpeg_batch["jpeg"] = [torch.frombuffer(bytearray(x), dtype=torch.uint8) for x in parsed["jpeg"]]
+    ready = _prepare(dict(jpeg_batch), pcfg, torch.bfloat16, dev)
+
+    def step(batch: dict) -> None:
+        with torch.autocast(dev.type, dtype=torch.bfloat16):  # fp32 weights and buffers
+            losses, _ = task.training_forward(batch)
+            total = sum(v for k, v in losses.items() if k.endswith("_loss"))
+        total.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def predecoded() -> None:
+        for _ in range(steps):
+            step(ready)
+
+    def decoding() -> None:
+        for _ in range(steps):
+            step(_prepare(dict(jpeg_batch), pcfg, torch.bfloat16, dev))
+
+    predecoded(), decoding()  # warm-up
+    t_ready, t_dec = _timed(predecoded) / steps, _timed(decoding) / steps
+    return {"step_s": t_ready, "step_with_decode_s": t_dec}
+
+
 def run(cfg: DecodeBenchConfig, out: str | None = None) -> Report:
     report = Report("decode", asdict(cfg))
     jpegs = photo_jpegs(cfg.num_images, cfg.source_size)
     cuda = torch.cuda.is_available()
 
     def rates() -> dict[str, float]:
-        return {**cpu_rates(jpegs, cfg), **(gpu_rate(jpegs, cfg) if cuda else {})}
+        got = {**cpu_rates(jpegs, cfg), **(gpu_rate(jpegs, cfg) if cuda else {})}
+        if cuda and cfg.with_step:
+            got.update(step_overhead(jpegs, cfg))
+        return got
 
     setup = f"{cfg.num_images} JPEGs of {cfg.source_size} px, crops of {cfg.image_size}"
     stats = rounds({"decode": rates}, cfg, setup)["decode"]
@@ -209,6 +260,17 @@ def run(cfg: DecodeBenchConfig, out: str | None = None) -> Report:
     for row in rows[:3]:
         row.append("")  # per-batch time: GPU rows only
     report.table("images/s", ["path", "images/s", f"ms per batch of {cfg.batch}"], rows)
+    if "step_s" in stats:
+        ready, dec = stats["step_s"], stats["step_with_decode_s"]
+        report.table(
+            f"vit_s PGSeg step (bf16 autocast, fused AdamW), batch {cfg.batch}",
+            ["batch", "seconds per step", "samples/s"],
+            [["already on the GPU", ready.fmt(), f"{cfg.batch / ready.median:,.0f}"],
+             ["decoded on the GPU in the step", dec.fmt(), f"{cfg.batch / dec.median:,.0f}"]],
+        )  # fmt: skip
+        report.notes.append(
+            f"the GPU decode costs the step {100 * (dec.median / ready.median - 1):.0f}%"
+        )
     if cfg.step_rate > 0:
         need_cpu = cfg.step_rate / stats["decode_tokenize_per_core"].median
         need_gpu = cfg.step_rate / stats["parse_tokenize_per_core"].median

@@ -523,7 +523,12 @@ def decode_crop_batch(
     decoded = None
     if device.type == "cuda" and not _NVJPEG_FAILED:
         try:
+            # torchvision's nvJPEG decode does not order itself with the current stream: without
+            # these two synchronisations the third training step on an H200 read a corrupt batch
+            # (NaN in the step; torch 2.11 / torchvision 0.26, decode_crop_batch in _prepare)
+            torch.cuda.synchronize(device)
             decoded = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+            torch.cuda.synchronize(device)
         except RuntimeError as err:  # a torchvision without nvJPEG: libjpeg-turbo from now on
             _nvjpeg_failed(err)
     if decoded is None:

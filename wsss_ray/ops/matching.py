@@ -60,8 +60,11 @@ def _solve(sims: np.ndarray, maximize: bool, threads: int) -> np.ndarray:
 
 
 def _similarity(groups_BKC: torch.Tensor, protos_BKC: torch.Tensor) -> torch.Tensor:
-    g = F.normalize(groups_BKC.float(), dim=-1)
-    return g @ F.normalize(protos_BKC.float(), dim=-1).transpose(1, 2)
+    """B x K x K cosine similarities in fp32, also under ``torch.autocast`` (which would make
+    the product bf16: numpy cannot take it, and the matching should not see bf16 ties)."""
+    with torch.autocast(groups_BKC.device.type, enabled=False):
+        g = F.normalize(groups_BKC.float(), dim=-1)
+        return g @ F.normalize(protos_BKC.float(), dim=-1).transpose(1, 2)
 
 
 class PendingMatch:
