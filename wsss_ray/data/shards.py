@@ -79,8 +79,19 @@ class ShardSink:
     def __enter__(self) -> ShardSink:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def abort(self) -> None:
+        """Drop the shard being written (its ``.tar.tmp``): it never gets its final name."""
+        if self._writer is not None and self._tmp is not None:
+            self._writer.close()
+            self._tmp.unlink(missing_ok=True)
+            self.paths.pop()
+            self._writer = None
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # a crash: the complete shards stay, the half-written one goes
+            self.abort()
 
 
 @dataclass
@@ -99,6 +110,30 @@ class ShardSummary:
         return "\n".join(lines)
 
 
+class CaptionError(str):
+    """A caption that could not be read; the string says why (the pair is skipped, counted)."""
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB as a viewer shows the image: 16-bit and 32-bit grey scaled to 8 bits (PIL's
+    ``convert`` clips them, so a 16-bit scan turns white), transparency composited on white
+    (``convert`` drops the alpha channel and shows the hidden colours), CMYK and palettes
+    converted."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        import numpy as np
+
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        return Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert(
+            "RGB"
+        )
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
 def to_jpeg(path: str | Path, quality: int = 95) -> tuple[bytes, tuple[int, int]]:
     """The image's bytes as JPEG (JPEG files are copied after a full decode check)."""
     raw = Path(path).read_bytes()
@@ -108,17 +143,29 @@ def to_jpeg(path: str | Path, quality: int = 95) -> tuple[bytes, tuple[int, int]
         if im.format == "JPEG" and im.mode == "RGB":
             return raw, size
         buf = io.BytesIO()
-        im.convert("RGB").save(buf, format="JPEG", quality=quality)
+        to_rgb(im).save(buf, format="JPEG", quality=quality)
         return buf.getvalue(), size
 
 
+def _caption(txt: Path) -> str:
+    if not txt.exists():
+        return ""
+    raw = txt.read_bytes()
+    try:
+        return raw.decode("utf-8").strip()
+    except UnicodeDecodeError as err:
+        return CaptionError(f"{txt}: caption not UTF-8 ({err.reason} at byte {err.start})")
+
+
 def pairs_from_folder(folder: str | Path) -> Iterator[tuple[str, str]]:
-    """(image path, caption) for every image that has a same-named ``.txt`` beside it."""
+    """(image path, caption) for every image that has a same-named ``.txt`` beside it (a
+    caption that is not UTF-8 comes as a :class:`CaptionError`). Raises at once when the
+    folder does not exist."""
     folder = Path(folder)
-    for img in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
-        txt = img.with_suffix(".txt")
-        caption = txt.read_text(encoding="utf-8").strip() if txt.exists() else ""
-        yield str(img), caption
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no such folder: {folder}")
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+    return ((str(img), _caption(img.with_suffix(".txt"))) for img in images)
 
 
 def pairs_from_table(
@@ -130,12 +177,26 @@ def pairs_from_table(
     import pyarrow.parquet as pq
 
     path = Path(path)
-    table = pq.read_table(path) if path.suffix == ".parquet" else pcsv.read_csv(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such table: {path}")
+    try:
+        table = pq.read_table(path) if path.suffix == ".parquet" else pcsv.read_csv(path)
+    except Exception as err:  # noqa: BLE001 - pyarrow's errors: one line naming the file
+        raise ValueError(f"{path}: not a readable table ({str(err).splitlines()[0]})") from None
     for col in (image_col, caption_col):
         if col not in table.column_names:
             raise ValueError(f"{path}: no column '{col}' (columns: {table.column_names})")
-    for img, cap in zip(table[image_col].to_pylist(), table[caption_col].to_pylist()):
-        img_path = Path(img)
+    if table.num_rows == 0:
+        raise ValueError(f"{path}: the table has no rows")
+    return _table_rows(path, table[image_col].to_pylist(), table[caption_col].to_pylist())
+
+
+def _table_rows(path: Path, images: list, captions: list) -> Iterator[tuple[str, str]]:
+    for row, (img, cap) in enumerate(zip(images, captions)):
+        if img is None or not str(img).strip():
+            yield f"{path} row {row}", CaptionError(f"{path} row {row}: no image path")
+            continue
+        img_path = Path(str(img))
         if not img_path.is_absolute():
             img_path = path.parent / img_path
         yield str(img_path), "" if cap is None else str(cap)
@@ -156,6 +217,10 @@ def write_shards(
         for i, (img, caption) in enumerate(
             tqdm(pairs, total=total, disable=not progress, unit="img", desc="sharding")
         ):
+            if isinstance(caption, CaptionError):
+                summary.skipped += 1
+                summary.skipped_examples.append(str(caption))
+                continue
             if not caption.strip():
                 summary.skipped += 1
                 summary.skipped_examples.append(f"{img} (no caption)")
