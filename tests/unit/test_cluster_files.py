@@ -224,7 +224,7 @@ def test_launcher_config_passes_rays_schema(path):
     # nothing installed at start-up: the image carries everything
     for key in ("setup_commands", "head_setup_commands", "worker_setup_commands"):
         assert cfg[key] == [], key
-    assert cfg["file_mounts"] == {}
+    assert cfg["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}  # only the token
     start = " ".join(cfg["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in start, "the job API must not listen on every interface"
 
@@ -348,3 +348,19 @@ def test_mlflow_server_script_binds_privately():
     assert refused.returncode == 2 and "refusing" in refused.stderr
     allowed = _server_args(MLFLOW_HOST="0.0.0.0", MLFLOW_ALLOW_ALL_INTERFACES="1")
     assert allowed.returncode == 0 and "--host 0.0.0.0" in allowed.stdout
+
+
+def test_token_authentication_everywhere():
+    """Ray's job API and GCS run code for whoever reaches them (ShadowRay, CVE-2023-48022):
+    every cluster file turns Ray token authentication on (issue 24)."""
+    for name in ("aws.yaml", "gcp.yaml"):
+        doc = yaml.safe_load((CLUSTER / name).read_text())
+        assert "--env RAY_AUTH_MODE=token" in doc["docker"]["run_options"], name
+        assert doc["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}, name
+        assert any("--dashboard-host=127.0.0.1" in c for c in doc["head_start_ray_commands"])
+    for path in sorted((CLUSTER / "kuberay").glob("ray*.yaml")):
+        doc = yaml.safe_load(path.read_text())
+        spec = doc["spec"]
+        cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec
+        assert cluster["authOptions"] == {"mode": "token"}, path.name
+        assert cluster["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP", path.name
