@@ -268,6 +268,7 @@ def test_decode_toy(tmp_path, capsys):
     assert target["met"] is None and "GPU decode" in target["name"]
 
 
+@pytest.mark.slow  # seven actor-pool starts: ~50 s on 2 cores
 def test_scale_toy(tmp_path, capsys, ray_local):
     out = tmp_path / "scale.json"
     argv = ["scale", "--shard-counts", "4,40", "--passes", "2", "--executions", "2"]
