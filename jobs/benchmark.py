@@ -65,10 +65,15 @@ def _common(p: argparse.ArgumentParser, c: Any) -> None:
             )
 
 
-def _data_flags(p: argparse.ArgumentParser, c: Any, cpus: int) -> None:
+def _image_flags(p: argparse.ArgumentParser, c: Any) -> None:
+    """The synthetic JPEGs' flags the data and decode benchmarks share."""
     p.add_argument("--num-images", type=int, default=c.num_images, help="synthetic images")
     p.add_argument("--source-size", type=int, default=c.source_size, help="JPEG side (px)")
     p.add_argument("--image-size", type=int, default=c.image_size, help="crop side (px)")
+
+
+def _data_flags(p: argparse.ArgumentParser, c: Any, cpus: int) -> None:
+    _image_flags(p, c)
     p.add_argument(
         "--samples-per-shard", type=int, default=c.samples_per_shard, help="images per tar"
     )
@@ -190,9 +195,7 @@ def _serve_flags(p: argparse.ArgumentParser, c: Any, cpus: int) -> None:
 
 
 def _decode_flags(p: argparse.ArgumentParser, c: Any, cpus: int) -> None:
-    p.add_argument("--num-images", type=int, default=c.num_images)
-    p.add_argument("--source-size", type=int, default=c.source_size, help="JPEG side (px)")
-    p.add_argument("--image-size", type=int, default=c.image_size, help="crop side (px)")
+    _image_flags(p, c)
     p.add_argument("--batch", type=int, default=c.batch, help="GPU decode batch")
     p.add_argument(
         "--step-rate", type=float, default=c.step_rate, help="samples/s of one GPU's step"
