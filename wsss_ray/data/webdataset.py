@@ -557,24 +557,19 @@ def _roi_crops(
 
     out = torch.empty(len(decoded), 3, size, size, dtype=torch.uint8, device=crops_B4.device)
     c = crops_B4.float()
-    i = 0
-    while i < len(decoded):
-        height = max(int(d.shape[1]) for d in decoded[i : i + 1])
-        width = max(int(d.shape[2]) for d in decoded[i : i + 1])
-        per_image = 3 * 4 * max(height, 1) * max(width, 1)
-        n = max(1, min(len(decoded) - i, (1 << 30) // per_image))
-        chunk = decoded[i : i + n]
-        height = max(int(d.shape[1]) for d in chunk)
-        width = max(int(d.shape[2]) for d in chunk)
-        batch = torch.zeros(n, 3, height, width, device=crops_B4.device)
+    height = max(int(d.shape[1]) for d in decoded)
+    width = max(int(d.shape[2]) for d in decoded)
+    step = max(1, (1 << 30) // (3 * 4 * height * width))  # images per ~1 GB float chunk
+    for i in range(0, len(decoded), step):
+        chunk = decoded[i : i + step]
+        batch = torch.zeros(len(chunk), 3, height, width, device=crops_B4.device)
         for k, d in enumerate(chunk):
             batch[k, :, : d.shape[1], : d.shape[2]] = d
-        top, left, h, w = c[i : i + n].unbind(1)
-        idx = torch.arange(n, device=c.device, dtype=c.dtype)
+        top, left, h, w = c[i : i + len(chunk)].unbind(1)
+        idx = torch.arange(len(chunk), device=c.device, dtype=c.dtype)
         boxes = torch.stack([idx, left, top, left + w, top + h], 1)
         res = roi_align(batch, boxes, (size, size), 1.0, -1, True)
-        out[i : i + n] = res.round_().clamp_(0, 255).to(torch.uint8)
-        i += n
+        out[i : i + len(chunk)] = res.round_().clamp_(0, 255).to(torch.uint8)
     out = torch.where(flips_B.view(-1, 1, 1, 1), out.flip(-1), out)
     return out.permute(0, 2, 3, 1).contiguous()
 

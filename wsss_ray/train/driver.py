@@ -170,8 +170,6 @@ def finished_run(cfg: TrainJobConfig) -> RunSummary | None:
     """The summary of this run when its storage already holds a checkpoint at the last step
     (read from Ray Train's snapshot: no Ray, no data, no DeepSpeed), else None. Local storage
     only; a cloud ``run.storage_path`` always goes through Ray Train."""
-    import json
-
     from wsss_ray.train.deepspeed_config import total_steps
 
     out = Path(cfg.run.output_dir).resolve()
@@ -182,8 +180,7 @@ def finished_run(cfg: TrainJobConfig) -> RunSummary | None:
     ckpt = last_checkpoint(run_storage)
     if not ckpt or not os.path.isdir(ckpt):
         return None
-    with open(os.path.join(run_storage, "checkpoint_manager_snapshot.json")) as f:
-        metrics = (json.load(f).get("latest_checkpoint_result") or {}).get("metrics") or {}
+    metrics = _latest_result(run_storage).get("metrics") or {}
     if int(metrics.get("step", -1)) < total_steps(cfg):
         return None
     uri = tracking_uri(cfg.tracking.uri, str(out))
@@ -222,19 +219,23 @@ def run(cfg: TrainJobConfig) -> RunSummary:
     return RunSummary(metrics, ckpt, setup.uri, tracker.run_id, str(setup.out))
 
 
-def last_checkpoint(run_storage: str) -> str | None:
-    """The newest checkpoint Ray Train has registered for a run in local storage (what a rerun
-    resumes from), from its ``checkpoint_manager_snapshot.json``; a checkpoint folder written
-    but not yet registered when the job stopped is not one."""
+def _latest_result(run_storage: str) -> dict:
+    """The newest checkpoint result Ray Train registered for a run in local storage (its
+    ``checkpoint_manager_snapshot.json``): ``checkpoint_dir_name`` and ``metrics``; {} if none."""
     import json
 
     snapshot = os.path.join(run_storage, "checkpoint_manager_snapshot.json")
     try:
         with open(snapshot) as f:
-            latest = json.load(f).get("latest_checkpoint_result") or {}
+            return json.load(f).get("latest_checkpoint_result") or {}
     except (OSError, ValueError):
-        return None
-    name = latest.get("checkpoint_dir_name")
+        return {}
+
+
+def last_checkpoint(run_storage: str) -> str | None:
+    """The newest checkpoint Ray Train has registered (what a rerun resumes from); a checkpoint
+    folder written but not yet registered when the job stopped is not one."""
+    name = _latest_result(run_storage).get("checkpoint_dir_name")
     return os.path.join(run_storage, name) if name else None
 
 
