@@ -178,6 +178,7 @@ def step_overhead(
     already on the GPU, and with the batch's GPU decode inside the step (``_prepare`` of the
     JPEG columns, as a train worker with ``data.decode_device=cuda`` runs it)."""
     from wsss_ray.config import PGSegPretrainConfig, load_config
+    from wsss_ray.data.webdataset import jpeg_batch_tensors
     from wsss_ray.tasks import build_task
     from wsss_ray.train.loop import _prepare
 
@@ -189,11 +190,7 @@ def step_overhead(
     opt = torch.optim.AdamW(task.parameters(), lr=1e-5, fused=dev.type == "cuda")
     raw = (jpegs * (b // len(jpegs) + 1))[:b]
     rows = {"__key__": [str(i) for i in range(b)], "jpg": raw, "txt": [b"a photo of a cat"] * b}
-    parsed = _decoder(cfg, True)(rows)  # the columns jpeg_collate_fn makes (no Ray needed)
-    jpeg_batch = {
-        k: torch.as_tensor(np.ascontiguousarray(v)) for k, v in parsed.items() if k != "jpeg"
-    }
-    jpeg_batch["jpeg"] = [torch.frombuffer(bytearray(x), dtype=torch.uint8) for x in parsed["jpeg"]]
+    jpeg_batch = jpeg_batch_tensors(_decoder(cfg, True)(rows))
     ready = _prepare(dict(jpeg_batch), pcfg, torch.bfloat16, dev)
 
     def step(batch: dict) -> None:

@@ -480,13 +480,20 @@ def jpeg_collate_fn():
 
     class JpegCollate(NumpyBatchCollateFn):
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-            out: dict[str, Any] = {
-                k: torch.as_tensor(np.ascontiguousarray(v)) for k, v in batch.items() if k != "jpeg"
-            }
-            out["jpeg"] = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in batch["jpeg"]]
-            return out
+            return jpeg_batch_tensors(batch)
 
     return JpegCollate()
+
+
+def jpeg_batch_tensors(batch: dict[str, Any]) -> dict[str, Any]:
+    """The GPU-decode columns as the train worker takes them: ``jpeg`` a list of uint8 CPU
+    tensors (variable length), the other columns CPU tensors (what :func:`jpeg_collate_fn`
+    does inside Ray)."""
+    out: dict[str, Any] = {
+        k: torch.as_tensor(np.ascontiguousarray(v)) for k, v in batch.items() if k != "jpeg"
+    }
+    out["jpeg"] = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in batch["jpeg"]]
+    return out
 
 
 _NVJPEG_FAILED = False
