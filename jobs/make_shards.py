@@ -12,7 +12,14 @@ Sources (pick one):
                           is the image id. class_names.txt is written beside the tars; read them
                           with wsss_ray.data.segmentation.read_segmentation_shards
 
-Unreadable images and empty captions are skipped and counted in the summary, never fatal.
+Bad input is skipped, counted and named, never fatal: empty, truncated or corrupt images, images
+over PIL.Image.MAX_IMAGE_PIXELS (decompression bombs: refused from the header, never decoded),
+missing, empty or non-UTF-8 captions, table rows without a path, masks that do not decode or do
+not match their image's size. The summary names the first ten; {prefix}-skipped.txt beside the
+shards lists every one. Captions over 4096 bytes are cut there (and listed). CMYK, palette,
+transparent and 16-bit images are converted as a viewer shows them. A source that cannot be read
+at all (a missing folder or table, a table without the columns, a COCO json that is not one or
+names a category it does not define) is one line, "error: ..." naming the file, exit status 2.
 
   python jobs/make_shards.py --folder photos/ --out shards/ --samples-per-shard 1000
   python jobs/make_shards.py --segmentation voc --root VOCdevkit/VOC2012 --split val --out voc_val/
@@ -65,14 +72,11 @@ def _write(a: argparse.Namespace) -> str:
         paths = write_webdataset(a.out, a.synthetic, a.seed, a.image_size, a.samples_per_shard)
         return f"wrote {a.synthetic} synthetic samples in {len(paths)} shards to {a.out}"
     if a.segmentation:
-        from wsss_ray.data.segmentation import open_source, write_segmentation_shards
+        from wsss_ray.data.segmentation import open_source, shard_segmentation
 
         source = open_source(a.segmentation, a.root, a.split)
-        paths = write_segmentation_shards(source, a.out, a.samples_per_shard, a.prefix)
-        return (
-            f"wrote {len(source.records)} {a.segmentation} {a.split} samples in {len(paths)} "
-            f"shards to {a.out}"
-        )
+        summary = shard_segmentation(source, a.out, a.samples_per_shard, a.prefix)
+        return f"{a.segmentation} {a.split} -> {a.out}: {summary}"
     if a.folder:
         pairs = pairs_from_folder(a.folder)
     else:

@@ -17,6 +17,12 @@ The converted masks (grey PNG, 0..80) are written once into ``<root>/wsss_semant
 coco_object_val2017/`` (or ``cache_dir``) with a ``DONE.json`` index tied to the input's size and
 modification time, each PNG under a temporary name then renamed, like ``wsss_ray.data.coco``. The
 COCO 2014 reader (``kind: coco``) is a different set: it stays its own kind.
+
+Bad input is handled as in ``wsss_ray.data.coco``: a json that is not COCO instances, or an
+annotation of a category that is not one of the 80 things, is a ``DatasetError`` naming the file
+and the annotation; a map or json image whose JPEG is missing is an error naming it; a map that
+does not read or has another size than its JPEG, and annotations that cannot be drawn, are left
+out and named (``SegSource.skipped`` / ``skipped_annotations``).
 """
 
 from __future__ import annotations
@@ -26,8 +32,15 @@ from pathlib import Path
 
 import numpy as np
 
-from wsss_ray.data.coco import COCO_CLASSES, _read_json, _write_json, semantic_mask
-from wsss_ray.data.segmentation import SegRecord, SegSource, encode_mask
+from wsss_ray.data.coco import (
+    COCO_CLASSES,
+    _image_problem,
+    _read_json,
+    _write_json,
+    build_masks,
+    load_instances,
+)
+from wsss_ray.data.segmentation import SegRecord, SegSource, encode_mask, warn_skipped
 
 #: COCO's 80 thing category ids, ascending (ids 12, 26, 29, 30, 45, 66, 68, 69, 71, 83 unused)
 THING_IDS = [
@@ -118,16 +131,33 @@ def _source(root: Path, split: str, index: dict, images: Path, cache: Path) -> S
         for f in index["files"]
     ]
     names = class_names_override(root, COCO_CLASSES)
-    return SegSource("coco_object", split, names, records, bg_thresh=0.85)
+    skipped, anns = list(index.get("skipped", [])), list(index.get("skipped_annotations", []))
+    warn_skipped(f"COCO-Object {split}", len(records) + len(skipped), skipped, anns)
+    return SegSource(
+        "coco_object",
+        split,
+        names,
+        records,
+        bg_thresh=0.85,
+        skipped=skipped,
+        skipped_annotations=anns,
+    )
 
 
 def _convert(source: str, origin: Path, images: Path, cache: Path, started: dict) -> dict:
+    """The masks of ``origin`` into ``cache``; returns the ``DONE.json`` index. A map or json
+    entry whose JPEG is missing is an error naming it; an unreadable map, one of another size
+    than its JPEG, and the annotations :func:`~wsss_ray.data.coco.build_masks` cannot draw are
+    left out and named (``skipped``, ``skipped_annotations`` in the index)."""
     from PIL import Image
     from tqdm import tqdm
 
+    doc = load_instances(origin, categories=False) if source == "instances" else None
     cache.mkdir(parents=True, exist_ok=True)
     (cache / "DONE.json").unlink(missing_ok=True)
     files: list[str] = []
+    skipped: list[str] = []
+    skipped_anns: list[str] = []
     if source == "stuffthingmaps":
         lut = stuffthing_lut()
         pngs = sorted(p for p in origin.glob("*.png") if "TrainIds" not in p.name)
@@ -136,19 +166,34 @@ def _convert(source: str, origin: Path, images: Path, cache: Path, started: dict
             jpg = images / f"{stem}.jpg"
             if not jpg.is_file():
                 raise FileNotFoundError(f"COCO-Object: {png.name} has no image {jpg}")
-            _write(cache, stem, lut[np.asarray(Image.open(png))])
+            try:
+                with Image.open(png) as im:
+                    mask = np.asarray(im)
+            except Exception as err:  # noqa: BLE001 - an unreadable map: left out, named
+                skipped.append(f"{stem} ({png}): unreadable map ({type(err).__name__}: {err})")
+                continue
+            if mask.ndim != 2:
+                why = f"the map is not a grey PNG (shape {mask.shape})"
+            else:
+                why = _image_problem(jpg, mask.shape[1], mask.shape[0], "the map's")
+            if why:
+                skipped.append(f"{stem} ({png}): {why}")
+                continue
+            _write(cache, stem, lut[mask])
             files.append(jpg.name)
     else:
-        from pycocotools.coco import COCO
-
-        coco = COCO(str(origin))
         cat_to_label = {cat: i for i, cat in enumerate(THING_IDS, start=1)}
-        for image_id in tqdm(sorted(coco.imgs), desc=f"COCO-Object masks -> {cache}", unit="img"):
-            file_name = coco.imgs[image_id]["file_name"]
-            mask = semantic_mask(coco, image_id, cat_to_label, crowd=None)  # crowd keeps its class
-            _write(cache, Path(file_name).stem, mask)
-            files.append(file_name)
-    index = {**started, "files": files}
+        files, skipped, skipped_anns = build_masks(
+            doc,
+            origin,
+            cat_to_label,
+            lambda stem, mask: _write(cache, stem, mask),
+            images=images,
+            crowd=None,  # crowd keeps its class, as COCO-Stuff paints it
+            unknown="which is not one of COCO's 80 thing categories (COCO-Object)",
+            desc=f"COCO-Object masks -> {cache}",
+        )
+    index = {**started, "files": files, "skipped": skipped, "skipped_annotations": skipped_anns}
     _write_json(cache / "DONE.json", index)
     return index
 

@@ -11,14 +11,24 @@ evaluation data can stream from object storage like the pretraining data.
 
 Ray is imported only inside the functions that build Ray Datasets: the readers themselves are
 plain Python and work without it.
+
+Bad input: an image whose mask has another size (VOC, Context: both headers are compared when the
+source is opened, ~80 us a pair; COCO: the JPEG against the json when the masks are built) or
+whose image or mask header cannot be read is left out of ``records`` and named in
+``SegSource.skipped`` (and a warning). The shard writer decodes every image and mask in full and
+skips, counts and names what fails. A dataset file that cannot be used at all (a json that is not
+COCO, an annotation of a category the file does not define) raises :class:`DatasetError` naming
+the file, which jobs print as one line with exit status 2.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,7 +39,15 @@ from PIL import Image
 if TYPE_CHECKING:  # type hints only: Ray is imported where Datasets are built
     import ray.data
 
+    from wsss_ray.data.shards import ShardSummary
+
 KINDS = ("voc", "coco", "coco_object", "context")
+log = logging.getLogger(__name__)
+
+
+class DatasetError(ValueError):
+    """A dataset file that cannot be used as it is; the message names the file and what to fix
+    (jobs print it as one line, exit status 2)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +68,10 @@ class SegSource:
     class_names: list[str]  # index 0 = background
     records: list[SegRecord] = field(default_factory=list)
     bg_thresh: float = 0.95  # zero-shot background threshold default: voc .95 coco .85 ctx .36
+    #: images of the split left out of ``records``: ``"<id> (<file>): <why>"``
+    skipped: list[str] = field(default_factory=list)
+    #: annotations left out of the masks (COCO): ``"annotation <id> (image <id>): <why>"``
+    skipped_annotations: list[str] = field(default_factory=list)
 
 
 #: PNG modes that hold class indices directly. Palette ("P") images are read as their indices,
@@ -111,6 +133,65 @@ def require_files(records: list[SegRecord], dataset: str) -> None:
                 raise FileNotFoundError(f"{dataset}: {r.id} is listed but {path} is missing")
 
 
+def _header_size(path: str) -> tuple[int, int]:
+    """(width, height) from the file's header; ValueError saying why in a few words."""
+    from PIL import UnidentifiedImageError
+
+    if os.path.getsize(path) == 0:
+        raise ValueError("empty file (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except UnidentifiedImageError:
+        raise ValueError("not an image PIL can read") from None
+    except Exception as err:  # noqa: BLE001 - a header cut short or corrupt
+        raise ValueError(f"{type(err).__name__}: {err}") from None
+
+
+def check_sizes(records: list[SegRecord]) -> tuple[list[SegRecord], list[str]]:
+    """(records whose image and mask headers read and agree in size, the others named with
+    why). Only headers are read (~80 us a pair), no pixels."""
+    kept, skipped = [], []
+    for r in records:
+        try:
+            image = _header_size(r.image)
+        except (OSError, ValueError) as err:  # any unreadable header: left out, named
+            skipped.append(f"{r.id} ({r.image}): unreadable image ({err})")
+            continue
+        try:
+            mask = _header_size(r.mask)
+        except (OSError, ValueError) as err:
+            skipped.append(f"{r.id} ({r.mask}): unreadable mask ({err})")
+            continue
+        if mask != image:
+            skipped.append(
+                f"{r.id} ({r.mask}): mask {mask[0]} x {mask[1]} differs from image "
+                f"{image[0]} x {image[1]}"
+            )
+            continue
+        kept.append(r)
+    return kept, skipped
+
+
+def warn_skipped(
+    label: str, total: int, skipped: list[str], annotations: Sequence[str] = ()
+) -> None:
+    """One warning naming the first images (and annotations) a reader left out."""
+    if skipped:
+        shown = "; ".join(skipped[:5]) + (
+            f"; ... {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        )
+        log.warning("%s: %d of %d images left out: %s", label, len(skipped), total, shown)
+    if annotations:
+        more = f"; ... {len(annotations) - 5} more" if len(annotations) > 5 else ""
+        log.warning(
+            "%s: %d annotations left out of the masks: %s",
+            label,
+            len(annotations),
+            "; ".join(annotations[:5]) + more,
+        )
+
+
 def voc_style_source(
     name: str,
     root: Path,
@@ -123,7 +204,9 @@ def voc_style_source(
 ) -> SegSource:
     """A split in the VOC layout under ``root``: ``JPEGImages/<id>.jpg``, ``<mask_folder>/<id>.png``
     and the ids in ``ImageSets/<image_sets>/<split>.txt``; ``label`` names the dataset in errors.
-    Raises FileNotFoundError naming the first missing folder, split file, image or mask."""
+    Raises FileNotFoundError naming the first missing folder, split file, image or mask; an image
+    whose mask has another size, or whose header cannot be read, is left out and named
+    (``skipped``, and a warning)."""
     mask_dir = root / mask_folder
     for folder in (root / "JPEGImages", mask_dir):
         if not folder.is_dir():
@@ -134,8 +217,10 @@ def voc_style_source(
         for n in names
     ]
     require_files(records, f"{label} {split}")
+    kept, skipped = check_sizes(records)
+    warn_skipped(f"{label} {split}", len(records), skipped)
     classes = class_names_override(root, default_classes)
-    return SegSource(name, split, classes, records, bg_thresh=bg_thresh)
+    return SegSource(name, split, classes, kept, bg_thresh=bg_thresh, skipped=skipped)
 
 
 def open_source(kind: str, root: str | Path, split: str, **kwargs) -> SegSource:
@@ -207,18 +292,43 @@ def segmentation_dataset(
 
 
 def _shard_rows(batch: dict):
+    """Shard rows -> the dataset columns. A row without its image or mask (the marker of a
+    truncated tar, a member missing its pair) or with a mask that does not decode is skipped
+    with a warning naming the shard and key."""
+    from wsss_ray.data.skips import TRUNCATED_KEY, skip_name
+
     n = len(batch["__key__"])
-    cols = {k: batch[k] if k in batch else [None] * n for k in ("jpg", "png", "json")}
+    keys = ("__url__", "jpg", "png", "json")
+    cols = {k: batch[k] if k in batch else [None] * n for k in keys}
     ids, images, masks = [], [], []
     for i in range(n):
-        jpg, png, meta = cols["jpg"][i], cols["png"][i], cols["json"][i]
-        if jpg is None or png is None:  # e.g. the marker row of a truncated tar
+        key, url = batch["__key__"][i], cols["__url__"][i]
+        jpg, png, meta = (_bytes_or_none(cols[k][i]) for k in ("jpg", "png", "json"))
+        if str(key) == TRUNCATED_KEY:
+            why = "truncated or corrupt tar: the rest of the shard is skipped"
+        elif jpg is None or png is None:
+            why = "image without its .png mask" if png is None else "mask without its .jpg"
+        else:
+            try:
+                decode_mask_bytes(png)
+                why = ""
+            except Exception as err:  # noqa: BLE001 - a bad mask: this sample only
+                why = f"unreadable mask ({type(err).__name__}: {err})"
+        if why:
+            log.warning("segmentation shard sample skipped: %s", skip_name(url, key, why))
             continue
-        info = json.loads(bytes(meta)) if meta is not None else {}
-        ids.append(str(info.get("id", batch["__key__"][i])))
-        images.append(bytes(jpg))
-        masks.append(bytes(png))
+        try:
+            info = json.loads(meta) if meta is not None else {}
+        except ValueError:
+            info = {}
+        ids.append(str(info.get("id", key)) if isinstance(info, dict) else str(key))
+        images.append(jpg)
+        masks.append(png)
     return _rows_table(ids, images, masks)
+
+
+def _bytes_or_none(value) -> bytes | None:
+    return bytes(value) if isinstance(value, bytes | bytearray | memoryview) else None
 
 
 def read_segmentation_shards(paths: list[str]) -> ray.data.Dataset:
@@ -249,43 +359,83 @@ def write_segmentation_shards(
     prefix: str = "seg",
     progress: bool = True,
 ) -> list[str]:
+    """The shard paths :func:`shard_segmentation` writes (its summary is dropped)."""
+    return shard_segmentation(source, out_dir, samples_per_shard, prefix, progress).shards
+
+
+def shard_segmentation(
+    source: SegSource,
+    out_dir: str | Path,
+    samples_per_shard: int = 1000,
+    prefix: str = "seg",
+    progress: bool = True,
+) -> ShardSummary:
     """Shard a source into ``{prefix}-{i:06d}.tar``: ``{key}.jpg`` (the original JPEG bytes),
     ``{key}.png`` (the mask as a grey class-index PNG, palette masks converted), ``{key}.json``
     (``id``, ``labels``, ``dataset``, ``split``). The class names go to ``class_names.txt``
-    beside the tars. Each tar is written under a ``.tmp`` name and renamed when complete."""
-    import webdataset as wds
+    beside the tars. Each tar is written under a ``.tmp`` name and renamed when complete; a crash
+    deletes the half-written one (:class:`~wsss_ray.data.shards.ShardSink`).
+
+    Every image is decoded in full and every mask read: an empty, truncated or corrupt image,
+    one over ``PIL.Image.MAX_IMAGE_PIXELS``, an unreadable mask or one of another size than its
+    image is skipped, counted and named; so are the images the source left out
+    (``source.skipped``), and the annotations it left out are noted. Returns the
+    :class:`~wsss_ray.data.shards.ShardSummary` (every skip also in ``{prefix}-skipped.txt``)."""
     from tqdm import tqdm
+
+    from wsss_ray.data.shards import ShardSink, ShardSummary, decode_image, why_unusable
 
     if samples_per_shard < 1:
         raise ValueError("samples_per_shard must be >= 1")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "class_names.txt").write_text("\n".join(source.class_names) + "\n")
-    paths: list[str] = []
+    summary = ShardSummary()
     records = source.records
-    bar = tqdm(total=len(records), disable=not progress, unit="img", desc="sharding")
-    for start in range(0, len(records), samples_per_shard):
-        final = out_dir / f"{prefix}-{len(paths):06d}.tar"
-        tmp = final.with_suffix(".tar.tmp")
-        with wds.TarWriter(str(tmp), mtime=0.0) as sink:
-            for i, r in enumerate(records[start : start + samples_per_shard], start):
+    with (
+        ShardSink(out_dir, prefix, samples_per_shard, mtime=0.0) as sink,
+        summary.listing(out_dir / f"{prefix}-skipped.txt"),
+    ):
+        for named in source.skipped:  # left out when the source was opened
+            summary.skip(named, "mask size differs" if " differs from " in named else "unreadable")
+        for named in source.skipped_annotations:
+            summary.note(named, "annotations left out")
+        for i, r in enumerate(tqdm(records, disable=not progress, unit="img", desc="sharding")):
+            try:
+                jpeg = Path(r.image).read_bytes()
+                with decode_image(jpeg) as im:
+                    size = im.size
+            except Exception as err:  # noqa: BLE001 - any unusable image: skipped, named
+                why, kind = why_unusable(err)
+                summary.skip(f"{r.id} ({r.image}): {why}", kind)
+                continue
+            try:
                 mask = read_mask(r.mask)
-                meta = {
-                    "id": r.id,
-                    "labels": image_labels(mask),
-                    "dataset": source.name,
-                    "split": source.split,
-                }
-                sink.write(
-                    {
-                        "__key__": _shard_key(r.id, i),
-                        "jpg": Path(r.image).read_bytes(),
-                        "png": encode_mask(mask),
-                        "json": json.dumps(meta).encode(),
-                    }
+            except Exception as err:  # noqa: BLE001
+                why, _ = why_unusable(err)
+                summary.skip(f"{r.id} ({r.mask}): unreadable mask ({why})", "unreadable mask")
+                continue
+            if mask.shape != (size[1], size[0]):
+                summary.skip(
+                    f"{r.id} ({r.mask}): mask {mask.shape[1]} x {mask.shape[0]} differs from "
+                    f"image {size[0]} x {size[1]}",
+                    "mask size differs",
                 )
-                bar.update()
-        tmp.replace(final)
-        paths.append(str(final))
-    bar.close()
-    return paths
+                continue
+            meta = {
+                "id": r.id,
+                "labels": image_labels(mask),
+                "dataset": source.name,
+                "split": source.split,
+            }
+            sink.write_sample(
+                {
+                    "__key__": _shard_key(r.id, i),
+                    "jpg": jpeg,
+                    "png": encode_mask(mask),
+                    "json": json.dumps(meta).encode(),
+                }
+            )
+            summary.written += 1
+    summary.shards = sink.paths
+    return summary

@@ -19,7 +19,11 @@ which are plain tars so that they can be streamed).
 Errors: a bad checksum raises :class:`tarfile.ReadError`; a tar that ends inside a header or a
 file raises :class:`tarfile.ReadError` ("unexpected end of data") after every complete file
 before the break has been yielded, as ``tarfile`` does. A tar that ends cleanly at a member
-boundary without the two zero blocks is accepted, as ``tarfile`` accepts it.
+boundary without the two zero blocks is accepted, as ``tarfile`` accepts it. A negative or
+unparsable member size raises :class:`tarfile.ReadError` too. Never a hang, never a huge
+allocation on a corrupt size field: every read makes progress or ends the stream, and a member is
+read in chunks of at most :data:`CHUNK` bytes, so a header that claims terabytes fails at the
+end of the data instead of asking for the whole claimed size up front.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ BLOCK = 512
 _REGULAR = (b"0", b"\0", b"7")
 _META = (b"x", b"g", b"L", b"K")  # PAX extended / global, GNU long name / long link
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+CHUNK = 16 << 20  # the most bytes asked of the stream at once
 
 
 def _field(raw: bytes) -> bytes:
@@ -107,13 +112,15 @@ def _name(
 
 def _read_exact(read: Any, n: int) -> bytes:
     """``n`` bytes from the stream, or :class:`tarfile.ReadError` if it ends first."""
-    data = read(n)
+    if n < 0:
+        raise tarfile.ReadError(f"negative member size {n}")
+    data = read(min(n, CHUNK))
     if len(data) == n:
         return data
     chunks = [data]
     got = len(data)
     while got < n:
-        more = read(n - got)
+        more = read(min(n - got, CHUNK))
         if not more:
             raise tarfile.ReadError("unexpected end of data")
         chunks.append(more)
@@ -190,7 +197,10 @@ def iter_tar_files(stream: Any, encoding: str = "utf-8") -> Iterator[tuple[str, 
             header = _read_header(read)
             continue
         if b"size" in pax:
-            size = int(pax[b"size"])
+            try:
+                size = int(pax[b"size"])
+            except ValueError as err:
+                raise tarfile.ReadError(f"invalid PAX size {pax[b'size']!r}") from err
         data = _read_exact(read, size)
         if size % BLOCK:
             _read_exact(read, BLOCK - size % BLOCK)
