@@ -29,7 +29,11 @@ import importlib
 import os
 import sys
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
+
+from wsss_ray.config import add_verbose_flag
+from wsss_ray.console import configure
 
 
 def _ints(text: str) -> list[int]:
@@ -57,6 +61,7 @@ def _bool(text: str) -> bool:
 def _common(p: argparse.ArgumentParser, c: Any) -> None:
     """The flags every subcommand has: --out, and --repeats / --warmup where its config has them."""
     p.add_argument("--out", default=None, help="write every figure as JSON to this file")
+    add_verbose_flag(p)
     for name, what in (("repeats", "interleaved rounds"), ("warmup", "unrecorded rounds first")):
         if hasattr(c, name):
             default = getattr(c, name)
@@ -324,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         extra["what"] = what
     cls = _config_class(args.command)
+    # Ray's and the libraries' output beside the JSON (outputs/bench/ without --out)
+    log = Path(args.out).parent if args.out else Path("outputs/bench")
+    configure(args.verbose, log / f"console_{args.command}.log")
     report = sys.modules[cls.__module__].run(_fill(cls, args, **extra), args.out)
     print("\n" + report.render(), flush=True)
     if args.out:

@@ -22,6 +22,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
+
+from wsss_ray.config import add_verbose_flag
+from wsss_ray.console import LOG_NAME, configure
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--gpus-per-actor", type=float, default=-1, help="-1 = 1 when GPUs exist")
     p.add_argument("--redo", action="store_true", help="segment images that are done again")
+    add_verbose_flag(p)
     a = p.parse_args(argv)
+    configure(a.verbose, Path(a.out) / LOG_NAME)
 
     from wsss_ray.inference.batch import is_done, list_inputs
     from wsss_ray.inference.segmenter import Segmenter, clean_class_names

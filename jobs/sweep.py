@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from wsss_ray.config import ConfigError
+from wsss_ray.config import ConfigError, add_verbose_flag
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,8 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--print-sweep", action="store_true", help="print the resolved sweep and exit"
     )
+    add_verbose_flag(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
+    from wsss_ray.console import LOG_NAME, configure
     from wsss_ray.tune import load_sweep, run_sweep
     from wsss_ray.tune.spec import spec_yaml
 
@@ -45,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_sweep:
         print(spec_yaml(spec))
         return 0
+    # the sweep prints a line per trial; the trials' own step lines go to the file
+    configure(args.verbose, Path(spec.output_dir) / spec.name / LOG_NAME, worker_lines=False)
     try:
         result = run_sweep(spec)
     except ConfigError as err:  # checks that need the resolved base config

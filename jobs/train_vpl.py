@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.phase1.prototypes = str(prototypes_path(cfg).resolve())
     rc, summary = train_job(cfg)
     if summary is not None and "val/miou" in summary.metrics:
-        print(f"[wsss_ray] validation mIoU {100 * summary.metrics['val/miou']:.1f}", flush=True)
+        print(f"[wsss_ray] validation mIoU {summary.metrics['val/miou']:.1f}", flush=True)
     return rc
 
 

@@ -10,6 +10,11 @@ whether the controller is alive and logs a warning on every failure (hundreds of
 demo). Its workers run :func:`quiet_state_api_warnings`, which raises that one logger to ERROR;
 the cleaner's actual job (removing a dead controller's placement group) matters on a cluster,
 where the dashboard is up and nothing is silenced.
+
+What the job's console shows once Ray is up is :mod:`wsss_ray.console`'s business: when the job
+asked for a quiet console (the default of every job; ``--verbose`` turns it off), the driver's
+INFO logs and Ray's stream of worker lines are routed to ``console.log`` in the run's folder,
+set up here around ``ray.init``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ def start_ray(needed_cpus: float, num_cpus: int = 0) -> None:
     import ray
     from ray.data import DataContext
 
+    from wsss_ray import console
+
     DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return
@@ -30,11 +37,17 @@ def start_ray(needed_cpus: float, num_cpus: int = 0) -> None:
     if os.environ.get("WSSS_TRUST_PICKLE"):  # the opt-in reaches the workers that load files
         env["WSSS_TRUST_PICKLE"] = os.environ["WSSS_TRUST_PICKLE"]
     os.environ.update(env)
+    quiet = console.is_quiet()
+    if quiet:
+        os.environ.update(console.ray_env())
+        console.quiet_driver_logs()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env={"env_vars": env})
-        return
-    num_cpus = num_cpus or max(os.cpu_count() or 1, math.ceil(needed_cpus))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=embedded_runtime_env(env))
+    else:
+        num_cpus = num_cpus or max(os.cpu_count() or 1, math.ceil(needed_cpus))
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=embedded_runtime_env(env))
+    if quiet and console.filter_ray_output():
+        console.announce()
 
 
 def embedded_runtime_env(env_vars: dict[str, str]) -> dict:

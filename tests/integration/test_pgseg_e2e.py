@@ -95,9 +95,12 @@ def test_pgseg_trains_and_logs_every_term(ray_local, tmp_path):
     results = json.loads((out / "results.json").read_text())
     print("periodic val mIoU", final_val, "eval job", results["miou"])
     assert results["images"] == 8
-    assert abs(results["miou"] - final_val) < 1e-9
+    assert abs(results["miou"] - final_val) < 1e-7
     for key in ("baseline/all_background_miou", "baseline/random_groups_miou", "pixel_acc"):
-        assert 0.0 <= results[key] <= 1.0
+        assert 0.0 <= results[key] <= 100.0  # percent, as every mIoU we report
+    # percent, not a fraction (at most 1): all background scores the background share (most
+    # pixels) over at most 6 present classes
+    assert results["baseline/all_background_miou"] > 5.0, results
     assert len(list((out / "overlays").glob("*.png"))) == 2
     assert "mIoU" in (out / "miou.txt").read_text()
     exp = client.get_experiment_by_name("wsss_ray")
@@ -138,6 +141,6 @@ def test_demo_segments_above_the_trivial_baselines(ray_local, tmp_path):
     res = json.loads((tmp_path / "eval_pgseg_tiny" / "results.json").read_text())
     floor = res["baseline/all_background_miou"]
     rand = res["baseline/random_groups_miou"]
-    print(f"demo zero-shot mIoU {res['miou']:.3f}, all background {floor:.3f}, random {rand:.3f}")
+    print(f"demo zero-shot mIoU {res['miou']:.1f}, all background {floor:.1f}, random {rand:.1f}")
     assert res["images"] == 48
     assert res["miou"] >= 1.5 * floor and res["miou"] > 3 * rand, res

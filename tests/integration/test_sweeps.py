@@ -113,7 +113,7 @@ def test_vpl_phase1_sweep_of_many_cheap_trials(ray_local, tiny_clip_checkpoint, 
     results = json.loads((folder / "results.json").read_text())
     print(
         f"VPL phase 1: {results['trials']} trials in {results['seconds']:.1f}s "
-        f"({results['trials_per_s']:.2f} trials/s), best patch mIoU {results['best_value']:.4f}"
+        f"({results['trials_per_s']:.2f} trials/s), best patch mIoU {results['best_value']:.1f}"
     )
     assert results["trials"] == TRIALS and results["errors"] == 0
     assert out.count("[wsss_ray] trial ") == TRIALS
@@ -144,5 +144,6 @@ def test_vpl_phase1_sweep_of_many_cheap_trials(ray_local, tiny_clip_checkpoint, 
     report = json.loads((tmp_path / "vpl_tiny" / "prototypes.json").read_text())
     best_child = max(children, key=lambda c: c.data.metrics["patch/miou"])
     assert report["proto/patch_acc_vision_given_labels"] == pytest.approx(
-        best_child.data.metrics["patch/acc"], abs=2e-3
+        best_child.data.metrics["patch/acc"],
+        abs=0.2,  # percent, both
     )

@@ -22,6 +22,8 @@ def test_help(job):
         timeout=120,
     )
     assert out.returncode == 0 and "usage:" in out.stdout
+    if job not in ("make_shards.py", "benchmark.py"):  # no Ray; benchmark: per subcommand
+        assert "--verbose" in out.stdout  # Ray's output on the console (wsss_ray.console)
 
 
 def test_config_error_is_one_line_before_ray():

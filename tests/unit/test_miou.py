@@ -45,6 +45,12 @@ def test_miou_matches_reference_with_ignore_and_absent_classes():
     assert "c6" not in {k.split("/")[-1] for k in result.metrics()}
     rows = dict(line.split() for line in result.table().splitlines()[1:])
     assert rows["c6"] == "-" and float(rows["mIoU"]) == pytest.approx(100 * want_miou, abs=0.05)
+    # what MLflow, results.json and Tune get: percent, as the table prints
+    m = result.metrics("val/")
+    assert m["val/miou"] == pytest.approx(100 * want_miou)
+    assert m["val/iou/c2"] == pytest.approx(100 * want_iou[2]) and m["val/iou/c5"] == 0.0
+    assert m["val/pixel_acc"] == pytest.approx(100 * result.pixel_acc)
+    assert float(rows["mIoU"]) == pytest.approx(m["val/miou"], abs=0.05)
 
 
 def test_confusion_sums_equal_one_big_matrix():
@@ -62,3 +68,20 @@ def test_perfect_and_wrong_class_list():
     assert iou_from_confusion(confusion_matrix(t.clip(0, 2), t, 3)).miou == 1.0
     with pytest.raises(ValueError, match="outside"):
         confusion_matrix(t, np.array([[0, 1], [7, 0]]), 3)
+
+
+def test_sweep_scores_are_percent():
+    """The VPL phase-1 sweep's patch scores use the same unit as the jobs' mIoU."""
+    import torch
+
+    from wsss_ray.tune.trials import patch_scores
+
+    F = torch.eye(3)  # three patches, one per feature direction
+    W = torch.eye(3)  # rows: 2 foreground classes, then 1 background word
+    allowed = torch.ones(3, 3, dtype=torch.bool)
+    gt = torch.tensor([1, 2, 0])  # class 1, class 2, background
+    assert patch_scores(F, W, allowed, gt, num_fg=2) == {"patch/miou": 100.0, "patch/acc": 100.0}
+    wrong = patch_scores(F, W[[1, 0, 2]], allowed, gt, num_fg=2)
+    assert wrong["patch/acc"] == pytest.approx(100 / 3) and wrong["patch/miou"] == pytest.approx(
+        100 / 3
+    )

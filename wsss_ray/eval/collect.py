@@ -169,13 +169,17 @@ def finish_eval(
 ) -> dict[str, Any]:
     """The end every evaluation job shares: metrics (the result's, ``baseline/<name>_miou``,
     images and images/s), ``miou.txt``, ``results.json``, the overlays, the table and ``line``
-    printed, and the MLflow run (its id and the output folder added to the metrics)."""
+    printed, and the MLflow run (its id and the output folder added to the metrics).
+    ``baselines``: name -> mIoU as the fraction ``IoUResult.miou``; every mIoU, IoU and pixel
+    accuracy written or logged is in percent (``wsss_ray.eval.miou``)."""
     import json
+
+    from wsss_ray.eval.miou import percent
 
     folder = run.folder
     metrics = result.metrics()
     for name, value in baselines.items():
-        metrics[f"baseline/{name}_miou"] = value
+        metrics[f"baseline/{name}_miou"] = percent(value)
     metrics["images"] = done
     metrics["images_per_s"] = done / max(elapsed, 1e-9)
     table = result.table()

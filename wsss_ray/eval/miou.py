@@ -5,6 +5,11 @@ TP / (TP + FP + FN); the mean runs over the classes that appear in the ground tr
 prediction (non-zero union). Matrices are plain ``int64`` arrays so partial results from Ray
 Data blocks and from train workers are summed before the IoU is taken (averaging per-image
 IoUs would be a different, wrong metric).
+
+Units: :class:`IoUResult` holds fractions (0-1) for arithmetic; everything a user sees is in
+percent (0-100, as papers report mIoU): the printed table, and :meth:`IoUResult.metrics`, which
+is what reaches MLflow, ``results.json`` and Tune. :func:`percent` converts anything else at
+that boundary (baselines, best-of-sweep values, accuracies).
 """
 
 from __future__ import annotations
@@ -14,6 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 
 IGNORE = 255
+
+
+def percent(fraction: float) -> float:
+    """A 0-1 score (IoU, accuracy, coverage) in the percent every output uses."""
+    return 100.0 * float(fraction)
 
 
 def confusion_matrix(pred: np.ndarray, label: np.ndarray, num_classes: int) -> np.ndarray:
@@ -35,6 +45,8 @@ def confusion_matrix(pred: np.ndarray, label: np.ndarray, num_classes: int) -> n
 
 @dataclass
 class IoUResult:
+    """Fractions (0-1); :meth:`table` and :meth:`metrics` give percent."""
+
     iou: np.ndarray  # per class; NaN where the class has zero union
     miou: float
     pixel_acc: float
@@ -50,10 +62,12 @@ class IoUResult:
         return "\n".join(lines)
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
-        out = {f"{prefix}miou": self.miou, f"{prefix}pixel_acc": self.pixel_acc}
+        """``miou``, ``pixel_acc`` and ``iou/<class>`` (classes with a non-zero union), in
+        percent: the figures MLflow, ``results.json`` and Tune get."""
+        out = {f"{prefix}miou": percent(self.miou), f"{prefix}pixel_acc": percent(self.pixel_acc)}
         for name, v in zip(self.class_names, self.iou):
             if not np.isnan(v):
-                out[f"{prefix}iou/{name}"] = float(v)
+                out[f"{prefix}iou/{name}"] = percent(v)
         return out
 
 

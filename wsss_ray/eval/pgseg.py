@@ -157,7 +157,10 @@ def run(cfg: PGSegEvalConfig) -> dict[str, Any]:
 
     checkpoint = cfg.model.checkpoint and str(Path(cfg.model.checkpoint).resolve())
     if checkpoint:  # a checkpoint that does not fit fails here, before Ray starts
-        build_model(cfg.model.size, checkpoint, cfg.model.text_act)
+        from wsss_ray.console import library_output
+
+        with library_output():  # DeepSpeed's ZeRO merge prints: to console.log
+            build_model(cfg.model.size, checkpoint, cfg.model.text_act)
     args = (
         cfg.model.size,
         checkpoint,

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from wsss_ray.config import VPLConfig, save_resolved, to_flat_dict
+from wsss_ray.eval.miou import percent
 from wsss_ray.eval.vpl_features import (  # noqa: F401 - re-exported for callers of this module
     FeatureExtractor,
     _actor_kwargs,
@@ -60,7 +61,7 @@ def _sweep_line(metrics: dict[str, Any]) -> str:
     if "seed/best_alpha" not in metrics:
         return ""
     a, m = metrics["seed/best_alpha"], metrics["seed/best_alpha_miou"]
-    return f" | best background exponent {a:g}: seed mIoU {100 * m:.1f}"
+    return f" | best background exponent {a:g}: seed mIoU {m:.1f}"
 
 
 def pl_kinds(cam: Any) -> tuple[str, ...]:
@@ -221,8 +222,10 @@ def run_prototypes(cfg: VPLConfig) -> dict[str, Any]:
         max_iter=p.max_iter, tol=p.tol, chunk_size=p.chunk_size, log_every=p.log_every,
         log_fn=log,
     )  # fmt: skip
-    acc = {
-        f"{name}{suffix}": patch_accuracy(data["F"], P, data["patch_gt"], model.num_fg, allowed)
+    acc = {  # percent, as every accuracy and IoU we report
+        f"{name}{suffix}": percent(
+            patch_accuracy(data["F"], P, data["patch_gt"], model.num_fg, allowed)
+        )
         for name, P in (("text", Z), ("vision", W))
         for suffix, allowed in (("", None), ("_given_labels", data["allowed"]))
     }
@@ -262,9 +265,9 @@ def run_prototypes(cfg: VPLConfig) -> dict[str, Any]:
     print(
         f"[wsss_ray] W: {slog.iterations} iterations ({slog.reason}), objective "
         f"{objective[0]:.4f} -> {objective[-1]:.4f}, gradient norm {grad_norm[0]:.2e} -> "
-        f"{grad_norm[-1]:.2e} | patch accuracy over all classes: text {100 * acc_text:.1f} vs "
-        f"vision {100 * acc_vis:.1f} (given the image labels: {100 * acc['text_given_labels']:.1f}"
-        f" vs {100 * acc['vision_given_labels']:.1f}) | {folder / 'prototypes.pt'}",
+        f"{grad_norm[-1]:.2e} | patch accuracy over all classes: text {acc_text:.1f} vs "
+        f"vision {acc_vis:.1f} (given the image labels: {acc['text_given_labels']:.1f}"
+        f" vs {acc['vision_given_labels']:.1f}) | {folder / 'prototypes.pt'}",
         flush=True,
     )
     series = [
@@ -462,9 +465,9 @@ def run_pseudo_labels(cfg: VPLConfig) -> dict[str, Any]:
     if cfg.cam.alpha_sweep:  # CLIP-ES eval_cam.py: the best exponent of the sweep
         best = max(cfg.cam.alpha_sweep, key=lambda a: results[f"seed_alpha{a:g}"].miou)
         metrics["seed/best_alpha"] = float(best)
-        metrics["seed/best_alpha_miou"] = results[f"seed_alpha{best:g}"].miou
+        metrics["seed/best_alpha_miou"] = percent(results[f"seed_alpha{best:g}"].miou)
     labelled = total[2].sum() / max(total[1].sum(), 1)
-    metrics.update({"pseudo/coverage": float(labelled), "images": done})
+    metrics.update({"pseudo/coverage": percent(labelled), "images": done})
     metrics["images_per_s"] = done / max(elapsed, 1e-9)
     table = results["seed"].table()
     (folder / f"seed_miou_{mode}.txt").write_text(table + "\n")
@@ -473,7 +476,7 @@ def run_pseudo_labels(cfg: VPLConfig) -> dict[str, Any]:
     print(
         f"[wsss_ray] {mode} prototypes: CAM mIoU {100 * results['cam'].miou:.1f} | seed (CAA) "
         f"mIoU {100 * results['seed'].miou:.1f} | pseudo-label mIoU "
-        f"{100 * results['pseudo'].miou:.1f} on {100 * labelled:.0f}% of pixels, "
+        f"{100 * results['pseudo'].miou:.1f} on {percent(labelled):.0f}% of pixels, "
         f"{100 * results['pseudo_all'].miou:.1f} on all (CLIP-ES --eval_only)"
         f"{_sweep_line(metrics)} | {done} images in {elapsed:.1f}s",
         flush=True,

@@ -14,6 +14,8 @@
 
 Scores of ``prototype_trial`` (``score`` in the sweep file):
 
+Every score is in percent (0-100), as every mIoU and accuracy this package reports.
+
 - ``patch`` (default, the cheap proxy): patch-level mIoU of the argmax of ``W f`` over the rows
   the image's labels allow (its classes + every background row, background rows -> class 0)
   against the ground-truth class at each cached patch centre. It measures what the seeds are
@@ -198,9 +200,10 @@ def patch_scores(
     num_fg: int,
     chunk_size: int = 65536,
 ) -> dict[str, float]:
-    """Patch mIoU and accuracy of argmax_k W f over the allowed rows (background rows = 0);
-    patches with ground truth 255 are ignored. Same argmax as ``eval.vpl.patch_accuracy``."""
-    from wsss_ray.eval.miou import confusion_matrix, iou_from_confusion
+    """Patch mIoU and accuracy (percent) of argmax_k W f over the allowed rows (background
+    rows = 0); patches with ground truth 255 are ignored. Same argmax as
+    ``eval.vpl.patch_accuracy``."""
+    from wsss_ray.eval.miou import confusion_matrix, iou_from_confusion, percent
 
     Wf = W.float()
     pred = torch.empty(F.shape[0], dtype=torch.long)
@@ -210,7 +213,7 @@ def patch_scores(
     pred = torch.where(pred < num_fg, pred + 1, torch.zeros_like(pred))
     conf = confusion_matrix(pred.numpy(), gt.numpy(), num_fg + 1)
     res = iou_from_confusion(conf)
-    return {"patch/miou": res.miou, "patch/acc": res.pixel_acc}
+    return {"patch/miou": percent(res.miou), "patch/acc": percent(res.pixel_acc)}
 
 
 _MODELS: dict[tuple, Any] = {}
@@ -236,13 +239,14 @@ def _clip_model(cfg: Any, class_names: list[str]) -> Any:
 
 
 def seed_scores(cfg: Any, W: torch.Tensor, data: dict[str, Any]) -> dict[str, float]:
-    """mIoU of the raw CAMs and the CAA-refined seeds with W on the shipped images (what
-    ``jobs/vpl_pseudo_labels.py`` with ``cam.prototypes=vision`` reports as cam/ and seed/)."""
+    """mIoU (percent) of the raw CAMs and the CAA-refined seeds with W on the shipped images
+    (what ``jobs/vpl_pseudo_labels.py`` with ``cam.prototypes=vision`` reports as cam/ and
+    seed/)."""
     import io
 
     from PIL import Image
 
-    from wsss_ray.eval.miou import confusion_matrix, iou_from_confusion
+    from wsss_ray.eval.miou import confusion_matrix, iou_from_confusion, percent
     from wsss_ray.ops.crf import pseudo_label
 
     names = data["class_names"]
@@ -259,8 +263,8 @@ def seed_scores(cfg: Any, W: torch.Tensor, data: dict[str, Any]) -> dict[str, fl
         conf[0] += confusion_matrix(pseudo_label(cams.numpy(), labels, cfg.cam.alpha), mask, c)
         conf[1] += confusion_matrix(pseudo_label(refined.numpy(), labels, cfg.cam.alpha), mask, c)
     return {
-        "cam/miou": iou_from_confusion(conf[0]).miou,
-        "seed/miou": iou_from_confusion(conf[1]).miou,
+        "cam/miou": percent(iou_from_confusion(conf[0]).miou),
+        "seed/miou": percent(iou_from_confusion(conf[1]).miou),
     }
 
 
