@@ -27,14 +27,11 @@ from wsss_ray.config import PGSegEvalConfig, parse_job_args
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_job_args(PGSegEvalConfig, __doc__, argv)
+    from wsss_ray.errors import user_errors
     from wsss_ray.eval.pgseg import run
-    from wsss_ray.models.pgseg import PartialCheckpointError
 
-    try:
+    with user_errors():  # a partial checkpoint, a dataset file that cannot be used: exit 2
         run(cfg)
-    except PartialCheckpointError as err:
-        print(f"checkpoint error: {err}", file=sys.stderr)
-        return 2
     return 0
 
 

@@ -17,9 +17,11 @@ from wsss_ray.config import VPLEvalConfig, parse_job_args
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_job_args(VPLEvalConfig, __doc__, argv, default_config="configs/vpl/eval_tiny.yaml")
+    from wsss_ray.errors import user_errors
     from wsss_ray.eval.vpl_seg import run
 
-    run(cfg)
+    with user_errors():  # a dataset or checkpoint file that cannot be used: one line, exit 2
+        run(cfg)
     return 0
 
 

@@ -75,8 +75,8 @@ def test_vpl_phase1_prototypes_and_pseudo_labels(workdir, capsys):
     # the trivial baseline on these very images: every pixel called background
     masks = [read_mask(r.mask) for r in source.records]
     conf = sum(confusion_matrix(np.zeros_like(m), m, 6) for m in masks)
-    floor = iou_from_confusion(conf).miou
-    assert floor < 0.17
+    floor = 100 * iou_from_confusion(conf).miou  # percent, as the jobs report mIoU
+    assert floor < 17
     results = {}
     for mode in ("text", "vision"):
         assert vpl_pseudo_labels.main([*common, f"cam.prototypes={mode}"]) == 0
@@ -97,14 +97,14 @@ def test_vpl_phase1_prototypes_and_pseudo_labels(workdir, capsys):
         # seeds beat the all-background floor in both modes; the 40-step CLIP's scores vary
         # from machine to machine by a few points (threaded CPU kernels), so the margins are
         # loose: CAMs clearly, seeds (after CAA on a 4-block attention) by a little
-        assert res["cam/miou"] > floor + 0.06 and res["seed/miou"] > floor + 0.015, (
+        assert res["cam/miou"] > floor + 6 and res["seed/miou"] > floor + 1.5, (
             mode,
             floor,
             res,
         )
     print(
         "seed mIoU text {:.1f} / vision {:.1f}; CAM mIoU text {:.1f} / vision {:.1f}".format(
-            *[100 * results[m][k] for k in ("seed/miou", "cam/miou") for m in ("text", "vision")]
+            *[results[m][k] for k in ("seed/miou", "cam/miou") for m in ("text", "vision")]
         )
     )
 
@@ -167,17 +167,17 @@ def test_vpl_phase2_decoder_with_and_without_rsc(workdir):
     ]
     assert eval_vpl.main([*evaluate, "test.scales=[1.0]", "test.flip=false"]) == 0
     same = json.loads((tmp_path / "eval_vpl_tiny" / "results.json").read_text())
-    assert same["miou"] == pytest.approx(val["rsc"], abs=1e-9)
+    assert same["miou"] == pytest.approx(val["rsc"], abs=1e-7)
     assert eval_vpl.main([*evaluate, "run.name=eval_ms"]) == 0  # scales 1, 0.75 + flip
     ms = json.loads((tmp_path / "eval_ms" / "results.json").read_text())
     floor = ms["baseline/all_background_miou"]
     for v in (val["rsc"], val["no_rsc"], ms["miou"]):
-        assert v > floor + 0.03, (v, floor)  # the 40-step CLIP varies by run: a loose margin
+        assert v > floor + 3, (v, floor)  # the 40-step CLIP varies by run: a loose margin
     assert len(list((tmp_path / "eval_ms" / "overlays").glob("*.png"))) == 4
     print(
-        f"pseudo-label mIoU (train) {100 * pseudo:.1f}; decoder val mIoU with RSC "
-        f"{100 * val['rsc']:.1f}, without {100 * val['no_rsc']:.1f}; multi-scale + flip "
-        f"{100 * ms['miou']:.1f}; all background {100 * floor:.1f}"
+        f"pseudo-label mIoU (train) {pseudo:.1f}; decoder val mIoU with RSC "
+        f"{val['rsc']:.1f}, without {val['no_rsc']:.1f}; multi-scale + flip "
+        f"{ms['miou']:.1f}; all background {floor:.1f}"
     )
 
 
@@ -187,8 +187,8 @@ def _online_label_miou(cfg_args: list[str], source) -> float:
     from PIL import Image
 
     from wsss_ray.config import VPLTrainConfig, load_config
+    from wsss_ray.data.gpu_decode import normalize_images
     from wsss_ray.data.segmentation import image_labels
-    from wsss_ray.data.webdataset import normalize_images
     from wsss_ray.tasks.vpl import VPLSegTask
 
     cfg = load_config(VPLTrainConfig, "configs/vpl/train_tiny.yaml", cfg_args)
@@ -205,7 +205,7 @@ def _online_label_miou(cfg_args: list[str], source) -> float:
         valid = torch.ones(1, *gt.shape, dtype=torch.bool)
         labels = task.labeler(x.float(), out, present, valid)[0].numpy()
         conf += confusion_matrix(labels, gt, len(names))
-    return iou_from_confusion(conf).miou
+    return 100 * iou_from_confusion(conf).miou  # percent, as val/miou
 
 
 def test_weclip_phase2_online_labels_rfm_affinity(workdir):
@@ -255,12 +255,11 @@ def test_weclip_phase2_online_labels_rfm_affinity(workdir):
     decoder_miou = run.data.metrics["val/miou"]
     val = open_source("voc", str(tmp_path / "synthetic_voc" / "VOC2012"), "val")
     label_miou = _online_label_miou(args[2:], val)
-    print(f"WeCLIP phase 2: decoder val mIoU {100 * decoder_miou:.1f}, online labels on val "
-          f"{100 * label_miou:.1f}")  # fmt: skip
+    print(f"WeCLIP phase 2: decoder val mIoU {decoder_miou:.1f}, online labels on val "
+          f"{label_miou:.1f}")  # fmt: skip
     masks = [read_mask(r.mask) for r in val.records]
-    floor = iou_from_confusion(
-        sum(confusion_matrix(np.zeros_like(m), m, len(val.class_names)) for m in masks)
-    ).miou
+    conf = sum(confusion_matrix(np.zeros_like(m), m, len(val.class_names)) for m in masks)
+    floor = 100 * iou_from_confusion(conf).miou
     assert label_miou > floor, (label_miou, floor)  # the frozen CLIP's labels are informative
     assert decoder_miou > 1.5 * floor, (decoder_miou, floor)  # ... and the decoder learned them
 

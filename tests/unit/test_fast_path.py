@@ -230,7 +230,7 @@ def _decoder(on_worker: bool):
 def test_worker_decode_matches_the_decode_actors(method):
     """Both crop methods of the train-worker decode (``roi_align`` is CUDA's default) give the
     actors' crops of the same boxes, within JPEG decoders' tolerance."""
-    from wsss_ray.data.webdataset import decode_crop_batch
+    from wsss_ray.data.gpu_decode import decode_crop_batch
 
     rows = _rows()
     actor = _decoder(False)(rows)
@@ -249,7 +249,7 @@ def test_worker_decode_matches_the_decode_actors(method):
 
 
 def test_collate_and_prepare_decode_on_the_worker():
-    from wsss_ray.data.webdataset import jpeg_collate_fn, normalize_images
+    from wsss_ray.data.gpu_decode import jpeg_collate_fn, normalize_images
     from wsss_ray.train.loop import _prepare
 
     cfg = load_config(PGSegPretrainConfig, TINY, ["data.image_size=64"])

@@ -8,7 +8,7 @@ Measured on the same JPEGs (``source_size`` photos-like images, ``image_size`` c
   per core;
 - **CPU parse** (``data.decode_device=cuda``): one core running what the actors still do when the
   GPU decodes: the JPEG header for the size, the crop box and flip, and the tokenizer;
-- **GPU decode** (CUDA only): :func:`wsss_ray.data.webdataset.decode_crop_batch` on batches of
+- **GPU decode** (CUDA only): :func:`wsss_ray.data.gpu_decode.decode_crop_batch` on batches of
   ``batch`` JPEGs (batched nvJPEG, crop + antialiased resize + flip on the GPU), synchronised;
 - **equality**: GPU crops against the CPU decode of the same boxes (mean and max absolute
   difference in grey levels; JPEG decoders differ by a few levels).
@@ -132,7 +132,7 @@ def gpu_rate(jpegs: list[bytes], cfg: DecodeBenchConfig) -> dict[str, float]:
     the same boxes."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from wsss_ray.data.webdataset import decode_crop_batch
+    from wsss_ray.data.gpu_decode import decode_crop_batch
 
     crops, flips = _boxes(jpegs, cfg)
     tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs]
@@ -178,7 +178,7 @@ def step_overhead(
     already on the GPU, and with the batch's GPU decode inside the step (``_prepare`` of the
     JPEG columns, as a train worker with ``data.decode_device=cuda`` runs it)."""
     from wsss_ray.config import PGSegPretrainConfig, load_config
-    from wsss_ray.data.webdataset import jpeg_batch_tensors
+    from wsss_ray.data.gpu_decode import jpeg_batch_tensors
     from wsss_ray.tasks import build_task
     from wsss_ray.train.loop import _prepare
 

@@ -57,8 +57,15 @@ class PlainLoop:
             lr=o.lr,
             betas=tuple(o.betas),
             eps=o.eps,
-            **({"fused": True} if self.cuda else {}),
+            **({"fused": True} if self.cuda else {"foreach": True}),  # as build_engine
         )
+        from wsss_ray.train.deepspeed_config import total_steps
+        from wsss_ray.train.schedule import schedule_factor
+
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, schedule_factor(o, total_steps(cfg))
+        )
+        self.grad_clip = o.grad_clip
         self.batch = synthetic_batch(self.task, bench.batch, self.device, torch.float32)
         self.bf16 = bench.precision == "bf16"
         self.threads = bench.cpus_per_worker
@@ -85,7 +92,10 @@ class PlainLoop:
         total.backward()
         self._sync()
         t2 = time.perf_counter()
+        if self.grad_clip > 0:  # what DeepSpeed's gradient_clipping does in our engine
+            torch.nn.utils.clip_grad_norm_(self.task.parameters(), self.grad_clip)
         self.opt.step()
+        self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         self.task.after_step()
         self._sync()

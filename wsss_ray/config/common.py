@@ -66,6 +66,16 @@ class DataConfig(DecodeConfig):
         "epochs per Ray Data execution (fused reader): every shard is listed this many times, "
         "in one shuffled order, so the decode actors start once per N epochs, not every epoch",
     )
+    exact_resume: bool = _f(
+        True,
+        "fused reader: checkpoints record the samples consumed (by id), a resume goes on "
+        "mid-epoch with exactly the rest, for any number of workers",
+    )
+    record_samples: bool = _f(
+        False,
+        "write the ids of the samples each worker consumed, per report, under "
+        "<run storage>/samples/ (an audit of what the model saw; needs exact_resume)",
+    )
 
     def check(self, use_gpu: bool) -> None:
         self.check_decode()
@@ -85,6 +95,11 @@ class DataConfig(DecodeConfig):
             self.decode_device == "cpu" or use_gpu,
             "data.decode_device",
             "cuda decodes on the train workers' GPUs: needs scaling.use_gpu=true",
+        )
+        need(
+            not self.record_samples or (self.exact_resume and self.reader == "fused"),
+            "data.record_samples",
+            "needs data.exact_resume=true and data.reader=fused (its ids come from that reader)",
         )
         need(len(self.crop_scale) == 2, "data.crop_scale", "needs two numbers (min, max)")
         lo_hi = self.crop_scale

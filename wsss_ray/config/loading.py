@@ -139,8 +139,10 @@ def parse_job_args(
     argv: list[str] | None = None,
     default_config: str | None = None,
 ) -> T:
-    """The command line every job shares: ``--config FILE`` plus ``key.sub=value`` overrides.
-    Config errors exit with status 2 and one line on stderr."""
+    """The command line every job shares: ``--config FILE`` plus ``key.sub=value`` overrides,
+    ``--print-config`` and ``--verbose``. Config errors exit with status 2 and one line on
+    stderr. Sets up the job's console (:mod:`wsss_ray.console`): without ``--verbose``, Ray's
+    and the libraries' output goes to ``<run.output_dir>/<run.name>/console.log``."""
     parser = argparse.ArgumentParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -154,6 +156,7 @@ def parse_job_args(
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
+    add_verbose_flag(parser)
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args(argv)
     config_file = args.config
@@ -176,7 +179,21 @@ def parse_job_args(
     if args.print_config:
         print(to_yaml(cfg))
         raise SystemExit(0)
+    from wsss_ray.console import configure, run_log_path
+
+    configure(args.verbose, run_log_path(cfg))
     return cfg
+
+
+def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
+    """``--verbose``, the same on every job (its own parser or :func:`parse_job_args`)."""
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's, DeepSpeed's and the libraries' output on the console, as Ray prints "
+        "it (default: only the job's own [wsss_ray] lines, warnings and errors; the rest goes "
+        "to console.log in the run's folder)",
+    )
 
 
 def run_job(schema: type, description: str, run: str, argv: list[str] | None = None) -> int:
@@ -185,7 +202,10 @@ def run_job(schema: type, description: str, run: str, argv: list[str] | None = N
     Returns the exit status, 0."""
     import importlib
 
+    from wsss_ray.errors import user_errors
+
     cfg = parse_job_args(schema, description, argv)
     module, _, name = run.partition(":")
-    getattr(importlib.import_module(module), name)(cfg)
+    with user_errors():  # a dataset or checkpoint file that cannot be used: one line, exit 2
+        getattr(importlib.import_module(module), name)(cfg)
     return 0

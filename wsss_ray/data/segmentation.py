@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from wsss_ray.errors import UserInputError
+
 if TYPE_CHECKING:  # type hints only: Ray is imported where Datasets are built
     import ray.data
 
@@ -45,7 +47,7 @@ KINDS = ("voc", "coco", "coco_object", "context")
 log = logging.getLogger(__name__)
 
 
-class DatasetError(ValueError):
+class DatasetError(UserInputError):
     """A dataset file that cannot be used as it is; the message names the file and what to fix
     (jobs print it as one line, exit status 2)."""
 

@@ -5,18 +5,14 @@ task); ``map_batches`` on a CPU actor pool decodes the JPEG, applies RandomResiz
 tokenises the caption with open_clip's tokenizer, emitting numeric columns only:
 
 - ``image``: uint8 crops, B x H x W x 3. Normalisation to float happens on the train worker
-  (:func:`normalize_images`), so 4x fewer bytes cross the object store than with float32.
+  (:func:`~wsss_ray.data.gpu_decode.normalize_images`), so 4x fewer bytes cross the object
+  store than with float32.
 - ``text``: int64 token ids, B x context_length.
 - ``skipped``: per output batch, the number of input rows that were dropped (in the first row,
   zeros elsewhere); the train loop sums it into the ``data/skipped`` metric.
 
-With ``decode_device="cuda"`` (``data.decode_device``) the actors do not decode: they read the
-JPEG header for the image size, draw the crop box and flip exactly as the CPU path draws them, and
-tokenise, emitting ``jpeg`` (the raw bytes), ``crop`` (B x 4 int64: top, left, height, width),
-``flip`` (B bool), ``text`` and ``skipped``. The train worker iterates with
-:func:`jpeg_collate_fn` and decodes with :func:`decode_crop_batch` (batched nvJPEG through
-``torchvision.io.decode_jpeg(device="cuda")``, crop and antialiased resize on the GPU), so the
-decode leaves the CPU. Non-JPEG images are re-encoded as JPEG by the actor (rare, slow path).
+With ``decode_device="cuda"`` the actors emit JPEG bytes, crop boxes and flips instead of images,
+decoded on the train worker's GPU: see :mod:`wsss_ray.data.gpu_decode`.
 
 Two readers feed the same decode (``data.reader``, default ``fused``):
 
@@ -50,11 +46,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from wsss_ray.data.skips import (
+    MAX_CAPTION_BYTES,
+    TRUNCATED_KEY,
+    pair_problem,
+    skip_name,
+    undecodable,
+)
 from wsss_ray.data.tarstream import iter_tar_files
 
 log = logging.getLogger(__name__)
-
-TRUNCATED_KEY = "__truncated__"
 
 
 # ------------------------------------------------------------------------------- reading
@@ -82,7 +83,10 @@ def iter_tar_samples(
         except _TAR_ERRORS as err:
             broken.append(f"{type(err).__name__}: {err}")
 
-    yield from wdsrc._group_by_keys(files(), meta={"__url__": path}, suffixes=suffixes)
+    try:
+        yield from wdsrc._group_by_keys(files(), meta={"__url__": path}, suffixes=suffixes)
+    except ValueError as err:  # a duplicate member or a key split apart: the rest is skipped
+        broken.append(f"{type(err).__name__}: {err}")
     if broken:
         log.warning(
             "shard %s is truncated or corrupt (%s); the rest of it is skipped", path, broken[0]
@@ -150,18 +154,25 @@ def resolve_shards(paths: list[str]) -> tuple[list[str], Any]:
     return tars, fs
 
 
-def shard_order(tars: list[str], passes: int = 1, seed: int = 0, shuffle: bool = True) -> list[str]:
-    """Every tar ``passes`` times, pass after pass; pass ``p`` in the permutation drawn from
-    ``(seed, p)`` (a pure function of its arguments), or in the given order without ``shuffle``."""
+def shard_schedule(
+    n: int, passes: int = 1, seed: int = 0, shuffle: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """(pass, shard index) of every tar listing in an execution: all ``n`` tars ``passes``
+    times, pass after pass; pass ``p`` in the permutation drawn from ``(seed, p)`` (a pure
+    function of its arguments), or in the given order without ``shuffle``."""
     if passes < 1:
         raise ValueError(f"passes must be >= 1, not {passes}")
-    if not shuffle:
-        return list(tars) * passes
-    out: list[str] = []
-    for p in range(passes):
-        perm = np.random.default_rng([seed, p]).permutation(len(tars))
-        out.extend(tars[i] for i in perm)
-    return out
+    idx = [
+        np.random.default_rng([seed, p]).permutation(n) if shuffle else np.arange(n)
+        for p in range(passes)
+    ]
+    return np.repeat(np.arange(passes), n), np.concatenate(idx).astype(np.int64)
+
+
+def shard_order(tars: list[str], passes: int = 1, seed: int = 0, shuffle: bool = True) -> list[str]:
+    """The tar paths in the order of :func:`shard_schedule`."""
+    _, idx = shard_schedule(len(tars), passes, seed, shuffle)
+    return [tars[i] for i in idx]
 
 
 def shard_path_dataset(
@@ -171,25 +182,41 @@ def shard_path_dataset(
     seed: int = 0,
     num_blocks: int = 16,
 ) -> tuple[Any, Any]:
-    """(a dataset of one ``path`` row per tar and pass, the filesystem to open them): the fused
-    reader's input. The rows (:func:`shard_order`) sit in at most ``num_blocks`` Arrow blocks
-    (a few times the decode actors), so building it costs the same at 30 or 30,000 shards: one
-    block per shard cost 1.2 ms and 33 KB of driver memory each, copied into three more Ray
-    processes. ``shuffle_files``: the block order is drawn anew at every execution (and each
-    actor shuffles the rows of its block, :class:`FusedShardDecoder`). ``passes``: every tar is
-    listed that many times, so one execution is that many epochs."""
+    """(a dataset of one row per tar and pass, the filesystem to open them): the fused reader's
+    input, :func:`shard_list_dataset` of the resolved ``paths``."""
+    tars, fs = resolve_shards(paths)
+    return shard_list_dataset(tars, shuffle_files, passes, seed, num_blocks), fs
+
+
+def shard_list_dataset(
+    tars: list[str],
+    shuffle_files: bool = True,
+    passes: int = 1,
+    seed: int = 0,
+    num_blocks: int = 16,
+) -> Any:
+    """One row per tar and pass, columns ``path``, ``shard`` (the tar's index in ``tars``) and
+    ``pass``, in the order of :func:`shard_schedule`. The rows sit in at most ``num_blocks`` Arrow
+    blocks (a few times the decode actors), so building it costs the same at 30 or 30,000
+    shards: one block per shard cost 1.2 ms and 33 KB of driver memory each, copied into three
+    more Ray processes. ``shuffle_files``: the block order is drawn anew at every execution
+    (and each actor shuffles the rows of its block, :class:`FusedShardDecoder`). ``passes``:
+    every tar is listed that many times, so one execution is that many epochs."""
     import pyarrow as pa
     import ray.data
 
-    tars, fs = resolve_shards(paths)
-    order = shard_order(tars, passes, seed, shuffle_files)
+    pass_of, idx = shard_schedule(len(tars), passes, seed, shuffle_files)
+    order = [tars[i] for i in idx]
     n = max(1, min(len(order), int(num_blocks)))
     bounds = np.linspace(0, len(order), n + 1).astype(int)
-    tables = [pa.table({"path": order[a:b]}) for a, b in zip(bounds[:-1], bounds[1:])]
+    tables = [
+        pa.table({"path": order[a:b], "shard": idx[a:b], "pass": pass_of[a:b]})
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ]
     ds = ray.data.from_arrow(tables)
     if shuffle_files:
         ds = ds.randomize_block_order()
-    return ds, fs
+    return ds
 
 
 # ------------------------------------------------------------------------------ decoding
@@ -301,17 +328,22 @@ class ImageTextDecoder:
         n = len(batch["__key__"])
         jpgs = batch.get("jpg", [None] * n)
         txts = batch.get("txt", [None] * n)
-        images, captions, boxes, flips = [], [], [], []
+        urls, bad = batch.get("__url__", [None] * n), []  # skips named: shard, key, why
+        ids = batch.get("__id__")  # the fused reader's sample ids (wsss_ray.data.position)
+        images, captions, boxes, flips, kept_ids = [], [], [], [], []
         # each crop is written into its row of the batch array: no 256 separately allocated
         # crops kept alive until an np.stack (the same one copy per crop, far fewer allocations)
         size = self.image_size
         batch_images = None if self.decode_on_worker else np.empty((n, size, size, 3), np.uint8)
-        for raw_img, raw_txt in zip(jpgs, txts):
+        for row, (raw_img, raw_txt) in enumerate(zip(jpgs, txts)):
             img_bytes, txt_bytes = _as_bytes(raw_img), _as_bytes(raw_txt)
-            if img_bytes is None or txt_bytes is None:
-                continue
-            caption = txt_bytes.decode("utf-8", errors="replace").strip()
-            if not caption:
+            key, url = batch["__key__"][row], urls[row]
+            why = pair_problem(key, img_bytes, txt_bytes)
+            if why is None:  # captions past the cap are cut: the tokenizer reads ~77 tokens
+                caption = txt_bytes[:MAX_CAPTION_BYTES].decode("utf-8", errors="replace").strip()
+                why = None if caption else "empty caption"
+            if why is not None:
+                bad.append(skip_name(url, key, why))
                 continue
             try:
                 if self.decode_on_worker:
@@ -321,11 +353,14 @@ class ImageTextDecoder:
                     flips.append(flip)
                 else:
                     images.append(self._image(img_bytes, batch_images[len(images)]))
-            except Exception:  # noqa: BLE001 - any undecodable image is skipped and counted
+            except Exception as err:  # noqa: BLE001 - any undecodable image is skipped and counted
+                bad.append(skip_name(url, key, undecodable(err)))
                 continue
             captions.append(caption)
+            if ids is not None:
+                kept_ids.append(ids[row])
         kept = len(images)
-        self.skips.add(n - kept)
+        self.skips.add(n - kept, bad)
         skipped = np.zeros(kept, np.int64)
         ctx = getattr(self.tokenizer, "context_length", 77)
         if kept:
@@ -336,6 +371,7 @@ class ImageTextDecoder:
                 log.warning("a whole batch of %d samples was undecodable", n)
             shape = (0, 1 + self.multi_label, ctx) if self.multi_label else (0, ctx)
             tokens = np.zeros(shape, np.int64)
+        extra = {} if ids is None else {"sample_id": np.asarray(kept_ids, np.int64)}
         if self.decode_on_worker:
             jpeg_arr = np.empty(kept, dtype=object)
             jpeg_arr[:] = images
@@ -345,54 +381,100 @@ class ImageTextDecoder:
                 "flip": np.asarray(flips, bool),
                 "text": tokens,
                 "skipped": skipped,
+                **extra,
             }
         image_arr = batch_images if kept == n else batch_images[:kept].copy()
-        return {"image": image_arr, "text": tokens, "skipped": skipped}
+        return {"image": image_arr, "text": tokens, "skipped": skipped, **extra}
 
 
-def _columns(samples: list[dict]) -> dict[str, list]:
+def _columns(samples: list[dict], with_ids: bool = False) -> dict[str, list]:
     """Samples -> the column dict :class:`ImageTextDecoder` takes (``None`` where missing)."""
-    return {k: [s.get(k) for s in samples] for k in ("__key__", "jpg", "txt")}
+    keys = ("__key__", "__url__", "jpg", "txt") + (("__id__",) if with_ids else ())
+    return {k: [s.get(k) for s in samples] for k in keys}
 
 
 class FusedShardDecoder:
     """``map_batches`` callable of the fused reader (one per actor): rows of shard paths ->
     batches of :class:`ImageTextDecoder`'s columns, at most ``batch_size`` samples each (the
-    last batch of a shard also carries its truncation marker, so the skip lands in a column)."""
+    last batch of a shard also carries its truncation marker, so the skip lands in a column).
+    With ``n_shards`` (the resolved list's length) every sample gets a ``sample_id``, and the
+    samples the run's data plan (``plan``, :mod:`wsss_ray.data.position`) records as consumed
+    before a resume are passed over without decoding."""
 
     def __init__(
-        self, filesystem: Any, batch_size: int, shuffle_files: bool = False, **decoder_kwargs: Any
+        self,
+        filesystem: Any,
+        batch_size: int,
+        shuffle_files: bool = False,
+        plan: str | None = None,
+        n_shards: int = 0,
+        **decoder_kwargs: Any,
     ):
+        from wsss_ray.data.position import PlanReader
+
         self.fs = filesystem
         self.batch_size = max(1, int(batch_size))
         self.shuffle = shuffle_files
         self.rng = np.random.default_rng()
         self.decoder = ImageTextDecoder(**decoder_kwargs)
+        self.n_shards = int(n_shards)
+        self.plan = PlanReader(plan, self.n_shards)
+        self._opened = True
 
     def samples(self, path: str) -> Iterator[dict]:
         """The samples of one tar; an unreadable file counts as a corrupt shard."""
+        self._opened = True
         try:
             stream = self.fs.open_input_stream(path)
         except OSError as err:
             log.warning("shard %s cannot be opened (%s); it is skipped", path, err)
+            self._opened = False
             yield {"__key__": TRUNCATED_KEY, "__url__": path}
             return
         with stream:
             yield from iter_tar_samples(stream, path)
 
+    def shard(self, path: str, shard: int, pass_: int) -> Iterator[dict[str, np.ndarray]]:
+        """The decoded batches of one tar (``shard`` < 0: no sample ids, nothing passed over)."""
+        from wsss_ray.data.position import pack
+
+        ids = shard >= 0 and self.n_shards > 0
+        if ids and self.plan.fully_consumed(pass_, shard):
+            return
+        done = self.plan.consumed(pass_, shard).tolist() if ids else []
+        rows: list[dict] = []
+        index, j, whole = 0, 0, True
+        for sample in self.samples(path):
+            if sample["__key__"] == TRUNCATED_KEY:
+                whole = False
+                rows.append(sample)  # the marker rides with the shard's last batch
+                continue
+            this, index = index, index + 1
+            while j < len(done) and done[j][1] <= this:
+                j += 1
+            if j < len(done) and done[j][0] <= this:
+                continue  # consumed before the resume
+            if ids:
+                sample["__id__"] = int(pack(pass_, shard, self.n_shards, this))
+            if len(rows) >= self.batch_size:
+                yield self.decoder(_columns(rows, ids))
+                rows = []
+            rows.append(sample)
+        if rows:
+            yield self.decoder(_columns(rows, ids))
+        if ids and whole and self._opened:
+            self.plan.report_size(shard, index)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         paths = list(batch["path"])  # one block: many shards (see shard_path_dataset)
+        shards = batch.get("shard", np.full(len(paths), -1))
+        passes = batch.get("pass", np.zeros(len(paths), np.int64))
+        order = range(len(paths))
         if self.shuffle:
-            paths = [paths[i] for i in self.rng.permutation(len(paths))]
-        for path in paths:
-            rows: list[dict] = []
-            for sample in self.samples(str(path)):
-                if len(rows) >= self.batch_size and sample["__key__"] != TRUNCATED_KEY:
-                    yield self.decoder(_columns(rows))
-                    rows = []
-                rows.append(sample)
-            if rows:
-                yield self.decoder(_columns(rows))
+            order = self.rng.permutation(len(paths))
+        self.plan.refresh()
+        for i in order:
+            yield from self.shard(str(paths[i]), int(shards[i]), int(passes[i]))
 
 
 def image_text_dataset(
@@ -414,6 +496,7 @@ def image_text_dataset(
     noun_tagger: str = "nltk",
     seed: int = 0,
     num_blocks: int = 0,
+    plan: str | None = None,
 ):
     """The training dataset: tolerant read -> decode/crop/tokenize on a CPU actor pool
     (``skip_counter``: the name from :func:`wsss_ray.data.skips.start_skip_counter`;
@@ -422,7 +505,8 @@ def image_text_dataset(
     ``read_webdataset`` (read tasks, raw bytes through the object store); ``passes``: epochs
     per execution, fused reader only: one actor-pool start-up per ``passes`` epochs; ``seed``: the
     shard order of each pass, :func:`shard_order`; ``num_blocks``: blocks of the fused reader's
-    shard list, 0 = four per decode actor)."""
+    shard list, 0 = four per decode actor; ``plan``: the run's data plan actor,
+    :mod:`wsss_ray.data.position`: exact mid-epoch resume, fused reader only)."""
     from ray.data import ActorPoolStrategy
 
     if decode_device not in ("cpu", "cuda"):
@@ -446,8 +530,16 @@ def image_text_dataset(
         # a few blocks per actor: start-up independent of the shard count, and no actor left
         # with a long queue at the end of an execution
         blocks = num_blocks or 4 * actors[1]
-        ds, fs = shard_path_dataset(paths, shuffle_files, passes, seed, num_blocks=blocks)
+        tars, fs = resolve_shards(paths)
+        ds = shard_list_dataset(tars, shuffle_files, passes, seed, num_blocks=blocks)
         kwargs = {"filesystem": fs, "batch_size": batch_size, "shuffle_files": shuffle_files}
+        if plan:  # sample ids, and the samples consumed before a resume passed over
+            import ray
+
+            from wsss_ray.data.position import digest, plan_handle
+
+            kwargs.update(plan=plan, n_shards=len(tars))
+            ray.get(plan_handle(plan).configure.remote(digest(tars), len(tars)))
         return ds.map_batches(
             FusedShardDecoder,
             fn_constructor_kwargs={**kwargs, **decoder_kwargs},
@@ -469,126 +561,3 @@ def image_text_dataset(
         compute=ActorPoolStrategy(min_size=actors[0], max_size=actors[1]),
         num_cpus=cpus_per_actor,
     )
-
-
-# ------------------------------------------------------------- decoding on the train worker
-def jpeg_collate_fn():
-    """``iter_torch_batches(collate_fn=...)`` for the GPU-decode columns: ``jpeg`` becomes a list
-    of uint8 CPU tensors (variable length), the other columns CPU tensors; the loop's
-    ``_prepare`` decodes and moves them (Ray moves only plain tensor dicts to the device)."""
-    from ray.data.collate_fn import NumpyBatchCollateFn
-
-    class JpegCollate(NumpyBatchCollateFn):
-        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-            return jpeg_batch_tensors(batch)
-
-    return JpegCollate()
-
-
-def jpeg_batch_tensors(batch: dict[str, Any]) -> dict[str, Any]:
-    """The GPU-decode columns as the train worker takes them: ``jpeg`` a list of uint8 CPU
-    tensors (variable length), the other columns CPU tensors (what :func:`jpeg_collate_fn`
-    does inside Ray)."""
-    out: dict[str, Any] = {
-        k: torch.as_tensor(np.ascontiguousarray(v)) for k, v in batch.items() if k != "jpeg"
-    }
-    out["jpeg"] = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in batch["jpeg"]]
-    return out
-
-
-_NVJPEG_FAILED = False
-
-
-def _nvjpeg_failed(err: Exception) -> None:
-    global _NVJPEG_FAILED
-    _NVJPEG_FAILED = True
-    log.warning("nvJPEG decode failed (%s): decoding on this worker's CPU instead", err)
-
-
-def decode_crop_batch(
-    jpegs: list[torch.Tensor],
-    crops_B4: torch.Tensor,
-    flips_B: torch.Tensor,
-    image_size: int,
-    device: torch.device | str = "cuda",
-    method: str = "auto",
-) -> torch.Tensor:
-    """JPEG bytes -> uint8 B x S x S x 3 crops on ``device`` (what the CPU actors deliver):
-    ``torchvision.io.decode_jpeg`` (batched nvJPEG on CUDA, libjpeg-turbo on CPU), then per image
-    the crop box resized to ``image_size`` and the flip. ``method``: ``loop`` (an antialiased
-    bilinear resize per image, as the actors), ``roi_align`` (all crops in one kernel: adaptive
-    sampling averages each output pixel's footprint, which is the antialiasing; within 0.3 grey
-    levels of ``loop`` on average), ``auto``: ``roi_align`` on CUDA (on an H200, 256 crops by
-    ``loop`` cost 28 ms, a third of a vit_s step), ``loop`` elsewhere."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    device = torch.device(device)
-    if method == "auto":
-        method = "roi_align" if device.type == "cuda" else "loop"
-    if method not in ("loop", "roi_align"):
-        raise ValueError(f"method must be auto | loop | roi_align, not {method!r}")
-    decoded = None
-    if device.type == "cuda" and not _NVJPEG_FAILED:
-        try:
-            # torchvision's nvJPEG decode does not order itself with the current stream: without
-            # these two synchronisations the third training step on an H200 read a corrupt batch
-            # (NaN in the step; torch 2.11 / torchvision 0.26, decode_crop_batch in _prepare)
-            torch.cuda.synchronize(device)
-            decoded = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
-            torch.cuda.synchronize(device)
-        except RuntimeError as err:  # a torchvision without nvJPEG: libjpeg-turbo from now on
-            _nvjpeg_failed(err)
-    if decoded is None:
-        decoded = [decode_jpeg(j, mode=ImageReadMode.RGB).to(device) for j in jpegs]
-    if method == "roi_align":
-        return _roi_crops(decoded, crops_B4.to(device), flips_B.to(device), image_size)
-    from torchvision.transforms.v2 import functional as TF
-
-    boxes = crops_B4.tolist()  # B x 4 ints on the host: one small copy
-    flips = flips_B.tolist()
-    out = torch.empty(len(decoded), image_size, image_size, 3, dtype=torch.uint8, device=device)
-    for b, (img, (top, left, h, w), flip) in enumerate(zip(decoded, boxes, flips)):
-        crop = TF.resized_crop(img, top, left, h, w, [image_size, image_size], antialias=True)
-        if flip:
-            crop = crop.flip(-1)
-        out[b] = crop.permute(1, 2, 0)
-    return out
-
-
-def _roi_crops(
-    decoded: list[torch.Tensor], crops_B4: torch.Tensor, flips_B: torch.Tensor, size: int
-) -> torch.Tensor:
-    """The crops of :func:`decode_crop_batch` by ``roi_align``: images padded into float chunks
-    of at most ~1 GB, boxes as (index, x1, y1, x2, y2) with pixel-centre alignment."""
-    from torchvision.ops import roi_align
-
-    out = torch.empty(len(decoded), 3, size, size, dtype=torch.uint8, device=crops_B4.device)
-    c = crops_B4.float()
-    height = max(int(d.shape[1]) for d in decoded)
-    width = max(int(d.shape[2]) for d in decoded)
-    step = max(1, (1 << 30) // (3 * 4 * height * width))  # images per ~1 GB float chunk
-    for i in range(0, len(decoded), step):
-        chunk = decoded[i : i + step]
-        batch = torch.zeros(len(chunk), 3, height, width, device=crops_B4.device)
-        for k, d in enumerate(chunk):
-            batch[k, :, : d.shape[1], : d.shape[2]] = d
-        top, left, h, w = c[i : i + len(chunk)].unbind(1)
-        idx = torch.arange(len(chunk), device=c.device, dtype=c.dtype)
-        boxes = torch.stack([idx, left, top, left + w, top + h], 1)
-        res = roi_align(batch, boxes, (size, size), 1.0, -1, True)
-        out[i : i + len(chunk)] = res.round_().clamp_(0, 255).to(torch.uint8)
-    out = torch.where(flips_B.view(-1, 1, 1, 1), out.flip(-1), out)
-    return out.permute(0, 2, 3, 1).contiguous()
-
-
-def normalize_images(
-    images_BHWC: torch.Tensor,
-    mean: list[float],
-    std: list[float],
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """uint8 B x H x W x 3 -> normalised B x 3 x H x W in ``dtype`` (on the images' device)."""
-    x = images_BHWC.permute(0, 3, 1, 2).float().div_(255.0)
-    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    return ((x - m) / s).to(dtype)

@@ -92,7 +92,7 @@ def decoder_validator(cfg: Any, val: dict) -> Callable[[torch.nn.Module, int, in
     """Decoder mIoU on the validation images (scales/flip of ``eval.test``), in eval mode."""
     from PIL import Image
 
-    from wsss_ray.data.webdataset import normalize_images
+    from wsss_ray.data.gpu_decode import normalize_images
     from wsss_ray.eval.miou import confusion_matrix
     from wsss_ray.tasks.vpl import predict_probs
 

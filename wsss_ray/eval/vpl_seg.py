@@ -59,7 +59,7 @@ class SegPredictor:
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         from wsss_ray.config import CLIP_MEAN, CLIP_STD
-        from wsss_ray.data.webdataset import normalize_images
+        from wsss_ray.data.gpu_decode import normalize_images
         from wsss_ray.tasks.vpl import predict_probs
 
         t = self.cfg.test

@@ -259,7 +259,7 @@ class Segmenter:
 
     @torch.no_grad()
     def _vpl_mask(self, image: np.ndarray) -> np.ndarray:
-        from wsss_ray.data.webdataset import normalize_images
+        from wsss_ray.data.gpu_decode import normalize_images
         from wsss_ray.tasks.vpl import predict_probs
 
         t = self.spec["test"]

@@ -37,6 +37,7 @@ import torch
 from open_clip.transformer import QuickGELU, TextTransformer
 from torch import nn
 
+from wsss_ray.errors import UserInputError
 from wsss_ray.models.groupvit import GroupViT, Projector
 from wsss_ray.ops.gmm import EMPrototypes
 
@@ -281,7 +282,7 @@ def convert_reference_state(
     return mapped, report
 
 
-class PartialCheckpointError(ValueError):
+class PartialCheckpointError(UserInputError):
     """A checkpoint that does not fill the model (or has tensors the model lacks)."""
 
 
@@ -297,7 +298,7 @@ def describe_partial(report: dict[str, list[str]], source: str) -> str:
 TRUST_PICKLE_ENV = "WSSS_TRUST_PICKLE"
 
 
-class UntrustedPickleError(ValueError):
+class UntrustedPickleError(UserInputError):
     """A checkpoint that only the full unpickler (which runs code from the file) can read."""
 
 

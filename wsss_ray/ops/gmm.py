@@ -80,6 +80,10 @@ class EMPrototypes(nn.Module):
         self.register_buffer("mu0", F.normalize(mu0, dim=axis))
         self.iters, self.momentum, self.ema = iters, momentum, ema
         self.norm, self.z_out, self.ema_renorm = norm, z_out, ema_renorm
+        #: when set, ``update_buffer`` keeps the batch mean for :func:`flush_prototype_updates`
+        #: (one all-reduce for every module of a model, not one each)
+        self.deferred = False
+        self._pending: torch.Tensor | None = None
 
     def forward(self, x_BNC: torch.Tensor, mask_BN: torch.Tensor | None = None):
         mu, z = em_prototypes(x_BNC, self.mu0, self.iters, mask_BN, self.norm, self.z_out)
@@ -92,10 +96,45 @@ class EMPrototypes(nn.Module):
         """mu0 <- m mu0 + (1 - m) mean over the batch *and all workers* of mu; then unit rows
         (columns with ``norm="prototype"``), unless ``ema_renorm`` is off (the reference)."""
         mean = mu_BKC.float().mean(dim=0)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if self.deferred:
+            self._pending = mean
+            return
+        if _world() > 1:
             dist.all_reduce(mean)
             mean /= dist.get_world_size()
+        self._ema(mean)
+
+    @torch.no_grad()
+    def _ema(self, mean: torch.Tensor) -> None:
         new = self.momentum * self.mu0.float() + (1 - self.momentum) * mean
         if self.ema_renorm:
             new = F.normalize(new, dim=-1 if self.norm == "channel" else 0)
         self.mu0.copy_(new.to(self.mu0.dtype))
+
+
+def _world() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+@torch.no_grad()
+def flush_prototype_updates(module: nn.Module) -> int:
+    """Apply the deferred EMA updates of every :class:`EMPrototypes` in ``module`` with one
+    all-reduce of all their batch means (instead of one per module per step); returns how
+    many. The same result as updating each right after its forward, as long as no module runs
+    twice in one forward (each ``mu0`` is read only by its own forward)."""
+    ems = [m for m in module.modules() if isinstance(m, EMPrototypes) and m._pending is not None]
+    if not ems:
+        return 0
+    flat = torch.cat([m._pending.reshape(-1) for m in ems])
+    if _world() > 1:
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+    offset = 0
+    for m in ems:
+        n = m._pending.numel()
+        m._ema(flat[offset : offset + n].view_as(m._pending))
+        m._pending = None
+        offset += n
+    return len(ems)

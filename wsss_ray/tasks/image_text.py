@@ -57,5 +57,6 @@ def datasets(cfg: Any, data: TrainData, skip_counter: str | None = None) -> dict
         multi_label=getattr(loss, "multi_label", 0),
         noun_tagger=getattr(loss, "noun_tagger", "nltk"),
         seed=cfg.train.seed,
+        plan=data.data_plan,
     )
     return {"train": train}

@@ -25,6 +25,7 @@ from wsss_ray.losses.contrastive import GatheredContrastiveLoss
 from wsss_ray.losses.multi_label import MultiLabelLoss
 from wsss_ray.losses.prototype import PrototypeLoss
 from wsss_ray.models.pgseg import PGSeg, load_groupvit_checkpoint
+from wsss_ray.ops.gmm import EMPrototypes, flush_prototype_updates
 from wsss_ray.ops.matching import (
     PendingMatch,
     gather_matched,
@@ -89,6 +90,9 @@ class PGSegTask(Task):
         self.npr_enabled = n.enabled
         #: start the matchings early and collect them last (same result as synchronous)
         self.overlap_matching = True
+        for em in self.model.modules():  # EMA of every stage applied at once, after the forward
+            if isinstance(em, EMPrototypes):
+                em.deferred = True
 
     def _start_match(self, groups: torch.Tensor, protos: torch.Tensor) -> PendingMatch | None:
         if not self.overlap_matching:
@@ -162,6 +166,7 @@ class PGSegTask(Task):
             loss, kept = self._pg(text_groups, text_protos, text_pending)
             losses["pg_text_loss"] = w.pg_text * loss
             metrics["pg_text_raw"], metrics["hrs_kept_text"] = loss.detach(), kept
+        flush_prototype_updates(self.model)  # every stage's EMA: one all-reduce, not one each
         return losses, metrics
 
     @torch.no_grad()

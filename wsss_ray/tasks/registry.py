@@ -85,6 +85,8 @@ class TrainData:
     shards: list[str] = field(default_factory=list)
     source: Any = None
     task_args: dict[str, Any] = field(default_factory=dict)
+    #: the run's data plan actor (:mod:`wsss_ray.data.position`), set by the driver
+    data_plan: str | None = None
 
 
 #: the attribute of a method's module that a hook in ``_method``'s ``own`` names, where it is

@@ -19,7 +19,7 @@ from typing import Any
 
 from wsss_ray.config import TrainJobConfig, save_resolved, to_flat_dict
 from wsss_ray.runtime import start_ray, wait_for_resources
-from wsss_ray.tracking import Tracker, local_artifact_location, tracking_uri
+from wsss_ray.tracking import Tracker, local_artifact_location, run_queue_dir, tracking_uri
 
 
 @dataclass
@@ -57,12 +57,18 @@ def init_ray(cfg: TrainJobConfig) -> None:
 
 
 def build_datasets(
-    cfg: TrainJobConfig, shards: list[str], source: Any = None, skip_counter: str | None = None
+    cfg: TrainJobConfig,
+    shards: list[str],
+    source: Any = None,
+    skip_counter: str | None = None,
+    data_plan: str | None = None,
 ) -> dict:
-    """The task's Ray Datasets (its registry ``datasets`` hook)."""
+    """The task's Ray Datasets (its registry ``datasets`` hook); ``data_plan``: the run's
+    :mod:`wsss_ray.data.position` actor, for the tasks whose reader records sample ids."""
     from wsss_ray.tasks.registry import TrainData, spec_for
 
-    return spec_for(cfg).hook("datasets")(cfg, TrainData(shards, source), skip_counter)
+    data = TrainData(shards, source, data_plan=data_plan)
+    return spec_for(cfg).hook("datasets")(cfg, data, skip_counter)
 
 
 #: the resolved shard list of a run, one path a line, in the run folder and in MLflow
@@ -109,12 +115,16 @@ def build_trainer(
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from wsss_ray.data.position import start_data_plan
     from wsss_ray.data.skips import start_skip_counter
     from wsss_ray.eval.periodic import load_validation_set
     from wsss_ray.tasks.registry import spec_for
     from wsss_ray.train.loop import train_loop_per_worker
 
     skip_counter = start_skip_counter()
+    d = cfg.data
+    exact = getattr(d, "exact_resume", False) and getattr(d, "reader", "") == "fused"
+    data_plan = start_data_plan() if exact else None
     s = cfg.scaling
     resources = worker_bundle(cfg)
     return TorchTrainer(
@@ -123,11 +133,13 @@ def build_trainer(
             "cfg": cfg,
             "tracking_uri": setup.uri,
             "run_id": run_id,
+            "tracking_queue": tracking_queue(cfg, setup),
             "storage": os.path.join(setup.storage, cfg.run.name),
             "val": load_validation_set(cfg, setup.out),
             "task_args": setup.task_args,
             "task_spec": spec_for(cfg),  # a run-time registered task reaches the workers too
             "skip_counter": skip_counter,
+            "data_plan": data_plan,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
@@ -141,8 +153,13 @@ def build_trainer(
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             callbacks=list(callbacks or []),
         ),
-        datasets=build_datasets(cfg, setup.shards, setup.source, skip_counter),
+        datasets=build_datasets(cfg, setup.shards, setup.source, skip_counter, data_plan),
     )
+
+
+def tracking_queue(cfg: TrainJobConfig, setup: TrainSetup) -> str:
+    """Where the driver and rank 0 queue MLflow records while the server is unreachable."""
+    return run_queue_dir(os.path.join(setup.storage, cfg.run.name), str(setup.out / cfg.run.name))
 
 
 def open_tracker(cfg: TrainJobConfig, setup: TrainSetup, resume: bool = True) -> Tracker:
@@ -159,6 +176,7 @@ def open_tracker(cfg: TrainJobConfig, setup: TrainSetup, resume: bool = True) ->
         str(setup.config_file),
         local_artifact_location(setup.uri, str(setup.out)),
         resume=resume,
+        queue_dir=tracking_queue(cfg, setup),
     )
     shards_file = setup.config_file.parent / SHARDS_FILE
     if setup.shards and shards_file.is_file():
@@ -214,7 +232,10 @@ def run(cfg: TrainJobConfig) -> RunSummary:
     metrics = dict(result.metrics or {})
     failed = metrics.get("stopped_nonfinite") or metrics.get("diverged")
     if ckpt and tracker.run_id and cfg.tracking.log_model and not failed:
-        log_final_model(cfg, setup, tracker.run_id, ckpt)
+        if tracker.online():
+            log_final_model(cfg, setup, tracker.run_id, ckpt)
+        else:  # MLflow's fluent API would retry for minutes, then fail anyway
+            print(f"[wsss_ray] MLflow unreachable: the final model was not logged ({ckpt})")
     tracker.finish("FAILED" if failed else "FINISHED")
     return RunSummary(metrics, ckpt, setup.uri, tracker.run_id, str(setup.out))
 
@@ -305,12 +326,15 @@ def log_final_model(cfg: TrainJobConfig, setup: TrainSetup, run_id: str, ckpt: s
     try:
         import mlflow
 
-        from wsss_ray.inference.mlflow_model import log_segmenter
+        from wsss_ray.console import library_output
         from wsss_ray.tracking import using_tracking_uri
 
-        seg = spec.hook("package")(ckpt, str(setup.config_file))
-        with using_tracking_uri(setup.uri), mlflow.start_run(run_id=run_id):
-            info = log_segmenter(seg, "model", cfg.tracking.register_as or None)
+        with library_output():  # DeepSpeed's merge and MLflow's warnings: console.log
+            from wsss_ray.inference.mlflow_model import log_segmenter
+
+            seg = spec.hook("package")(ckpt, str(setup.config_file))
+            with using_tracking_uri(setup.uri), mlflow.start_run(run_id=run_id):
+                info = log_segmenter(seg, "model", cfg.tracking.register_as or None)
         name = cfg.tracking.register_as
         print(
             f"[wsss_ray] MLflow model: {info.model_uri}"
@@ -355,9 +379,11 @@ def train_job(cfg: TrainJobConfig) -> tuple[int, RunSummary | None]:
     import sys
 
     from wsss_ray.config import ConfigError
+    from wsss_ray.errors import user_errors
 
     try:
-        summary = run(cfg)
+        with user_errors():  # a dataset or checkpoint file that cannot be used: one line, 2
+            summary = run(cfg)
     except ConfigError as err:  # checks that need the model registry or the data
         print(str(err), file=sys.stderr)
         return 2, None

@@ -17,8 +17,10 @@ checkpointing, ``torch.compile`` of the encoders, TF32 and fused AdamW on CUDA, 
 one fp32 worker. With ``data.decode_device=cuda`` the batches carry JPEG bytes and ``_prepare``
 decodes them on the worker's GPU.
 
-Ray Data cannot resume a streaming read mid-epoch, so the data position is recorded (samples
-seen, epoch) but not replayed; shards are reshuffled on every pass instead.
+Ray Data cannot resume a streaming read mid-epoch, so with the fused reader
+(``data.exact_resume``) each checkpoint records the ids of the samples consumed in the current
+execution and a resume passes over exactly those (:mod:`wsss_ray.data.position`), for any number
+of workers; other readers restart the interrupted execution's epochs.
 """
 
 from __future__ import annotations
@@ -35,11 +37,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from wsss_ray.data.webdataset import decode_crop_batch, jpeg_collate_fn, normalize_images
+from wsss_ray.data.gpu_decode import decode_crop_batch, jpeg_collate_fn, normalize_images
+from wsss_ray.data.position import load_positions
 from wsss_ray.eval.checkpoint import CKPT_TAG
 from wsss_ray.tasks import build_task
 from wsss_ray.tracking import Tracker
+from wsss_ray.train.data_position import DataPosition
 from wsss_ray.train.deepspeed_config import deepspeed_config, total_steps, use_bf16, zero_stage
+from wsss_ray.train.elastic import load_engine_state, saved_layout
 from wsss_ray.train.manifest import verify, write_manifest
 from wsss_ray.train.schedule import schedule_factor
 
@@ -284,11 +289,14 @@ def apply_fast_path(task: torch.nn.Module, cfg: Any, log: Any = say) -> dict[str
     return applied
 
 
-def build_engine(cfg: Any, task: torch.nn.Module, world: int = 1) -> tuple[Any, Any, Any]:
+def build_engine(
+    cfg: Any, task: torch.nn.Module, world: int = 1, keep_zero: bool = False
+) -> tuple[Any, Any, Any]:
     """``(engine, optimizer, scheduler)``: the fast-path options, torch AdamW (fused on CUDA
     with ``train.fused_adamw``), the warm-up + decay schedule and ``deepspeed.initialize`` with
     :func:`~wsss_ray.train.deepspeed_config.deepspeed_config` for ``world`` workers. Shared by
-    the loop and ``wsss_ray.bench.train``; ``torch.distributed`` must be initialised."""
+    the loop and ``wsss_ray.bench.train``; ``torch.distributed`` must be initialised.
+    ``keep_zero``: ZeRO even for one worker (resuming a ZeRO checkpoint)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
     import deepspeed
 
@@ -309,10 +317,10 @@ def build_engine(cfg: Any, task: torch.nn.Module, world: int = 1) -> tuple[Any, 
         model=task,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world),
+        config=deepspeed_config(cfg, world, keep_zero),
         dist_init_required=False,
     )
-    if world == 1 and zero_stage(cfg, world) == 0:
+    if world == 1 and zero_stage(cfg, world, keep_zero) == 0:
         # nothing to average with one worker: skip DeepSpeed's gradient all-reduce (its bucket
         # flattening and copies), which it otherwise runs after every backward
         engine.enable_backward_allreduce = False
@@ -349,26 +357,25 @@ def _older_checkpoints(checkpoint: Any) -> list[Any]:
     ]
 
 
-def load_verified(engine: Any, checkpoint: Any, rank: int = 0) -> tuple[Any, dict]:
+def load_verified(engine: Any, checkpoint: Any, rank: int = 0) -> tuple[Any, dict, Any]:
     """Load the newest checkpoint whose manifest verifies (:mod:`wsss_ray.train.manifest`):
     ``checkpoint`` first, then the older ones of the run, with a warning naming the bad file.
     Every rank verifies what it reads (each its own ZeRO shard); they agree on the choice
-    through one all-reduce per candidate. Raises when none is intact."""
+    through one all-reduce per candidate. Raises when none is intact. Returns (the checkpoint
+    loaded, DeepSpeed's client state, the data position every old rank recorded or None)."""
     problems = []
     for cand in [checkpoint, *_older_checkpoints(checkpoint)]:
         with cand.as_directory() as ckpt_dir:
             why = verify(ckpt_dir)
             ok = _all_reduce([0.0 if why else 1.0], "min")[0] > 0
             if ok:
-                path, client = engine.load_checkpoint(ckpt_dir, tag=CKPT_TAG)
-                if path is None:
-                    raise RuntimeError(f"could not load the DeepSpeed checkpoint in {cand.path}")
+                client = load_engine_state(engine, ckpt_dir, CKPT_TAG, say)
                 if cand is not checkpoint and rank == 0:
                     say(
                         f"[wsss_ray] warning: checkpoint {checkpoint.path} is damaged "
                         f"({problems[0]}); resumed from {cand.path} instead"
                     )
-                return cand, client
+                return cand, client, load_positions(ckpt_dir)
         problems.append(why or "another worker's files are damaged")
     raise RuntimeError(
         f"no intact checkpoint to resume from: {checkpoint.path}: {problems[0]}; delete the "
@@ -396,17 +403,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
     steps = total_steps(cfg)
     if _decode_device(cfg) == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("data.decode_device=cuda: this train worker has no CUDA device")
-    engine, optimizer, scheduler = build_engine(cfg, task, world)
+    layout = saved_layout(ray.train.get_checkpoint())  # ZeRO partitions to re-partition?
+    engine, optimizer, scheduler = build_engine(cfg, task, world, bool(layout and layout.zero))
     dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
 
     state = {"samples": 0, "skipped": 0, "nonfinite": 0, "epoch": 0}
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint, position = ray.train.get_checkpoint(), None
     if checkpoint is not None:
-        checkpoint, client = load_verified(engine, checkpoint, rank)
+        checkpoint, client, position = load_verified(engine, checkpoint, rank)
         state.update({k: client[k] for k in state})
     start_step = engine.global_steps
     is_main = rank == 0
-    tracker = Tracker(loop_config["tracking_uri"], loop_config["run_id"] if is_main else None)
+    data = DataPosition(loop_config.get("data_plan"), cfg, loop_config["storage"], rank, world)
+    note = data.resume(position, state["epoch"])
+    if note and is_main:
+        say(f"[wsss_ray] {note}")
+    tracker = Tracker(
+        loop_config["tracking_uri"],
+        loop_config["run_id"] if is_main else None,
+        queue_dir=loop_config.get("tracking_queue"),
+    )
     if is_main:
         where = f"resuming at step {start_step}" if checkpoint else "starting at step 0"
         say(f"[wsss_ray] {cfg.task}: {world} workers, {steps} steps, {where}")
@@ -435,10 +451,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     counter = loop_config.get("skip_counter")
     skipped_base, skipped_offset = state["skipped"], 0
+    shown = [0]  # named skips printed so far
     if counter and is_main:
-        from wsss_ray.data.skips import read_skips
+        from wsss_ray.data.skips import read_skip_names, read_skips
 
         skipped_offset = read_skips(counter)  # skips of an earlier worker group of this driver
+        shown[0] = len(read_skip_names(counter))
     shard = ray.train.get_dataset_shard("train")
     B = cfg.train.batch_size_per_worker
     window = _Window()
@@ -490,6 +508,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             tmp = tempfile.mkdtemp(prefix="wsss_ckpt_")
             client = {k: state[k] for k in ("samples", "skipped", "nonfinite", "epoch")}
             engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state=client)
+            data.save(tmp, state["epoch"])  # the samples consumed so far in this execution
             write_manifest(tmp, rank)  # this rank's files (ZeRO shards); checked on resume
             name = f"checkpoint_step_{step:08d}"
             ray.train.report(
@@ -499,6 +518,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             last_ckpt = step
             if is_main:
                 tracker.set_tag("checkpoint/latest", os.path.join(loop_config["storage"], name))
+        data.record(step)
         if is_main:
             tracker.log_metrics(metrics, step)
             terms = " ".join(f"{k} {metrics[k]:.4f}" for k in keys if k.endswith("_loss"))
@@ -507,12 +527,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 f"({terms}) lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s "
                 f"skipped {state['skipped']}" + (" [checkpoint]" if with_checkpoint else "")
             )
+            if counter:  # which samples the decoders dropped: shard, key, why (the first 100)
+                for line in read_skip_names(counter, shown[0]):
+                    say(f"[wsss_ray]   skipped {line}")
+                    shown[0] += 1
         window = _Window()
 
     step = start_step
     warned_decode = False
     while step < steps and not stop_reason:
         got_batch = False
+        resumed = data.begin_execution()  # the data plan, set before any rank starts it
         t_wait = time.perf_counter()
         for batch in shard.iter_torch_batches(
             batch_size=B,
@@ -524,6 +549,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             window.data_wait += time.perf_counter() - t_wait
             if "skipped" in batch:
                 window.add_skipped(batch.pop("skipped"))
+            data.add(batch.pop("sample_id", None), state["epoch"])
             if _decode_device(cfg) == "cuda" and "jpeg" not in batch and not warned_decode:
                 warned_decode = True
                 say("[wsss_ray] data.decode_device=cuda but the dataset decodes on CPU actors")
@@ -555,12 +581,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if step >= steps:
                     break
             t_wait = time.perf_counter()
-        if not got_batch:
+        if not got_batch and not resumed:  # a resumed execution may have had < a batch left
             raise RuntimeError(
                 f"the training data yields no full batch of {B} per worker; "
                 "use more data, fewer workers or a smaller train.batch_size_per_worker"
             )
         if step < steps and not stop_reason:  # one execution = data.passes_per_execution epochs
             state["epoch"] += getattr(cfg.data, "passes_per_execution", 1)
+            data.end_execution()
     if step > last_ckpt:
         report(step, with_checkpoint=True, evaluate=bool(validate))
