@@ -20,7 +20,7 @@ import pytest
 
 from tests._jobs import ROOT, tiny_clip_job
 from wsss_ray.data.position import epochs_of, unpack
-from wsss_ray.data.webdataset import iter_tar_samples
+from wsss_ray.data.shard_reading import iter_tar_samples
 
 pytestmark = pytest.mark.slow  # two training jobs: ~2-3 min on 2 cores
 

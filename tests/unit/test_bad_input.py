@@ -15,6 +15,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from jobs.make_shards import main as make_shards_main
+from tests.unit.test_shards import _members
 from wsss_ray.data import synthetic as syn
 from wsss_ray.data.coco import coco_source
 from wsss_ray.data.coco_object import THING_IDS, coco_object_source
@@ -36,15 +37,6 @@ from wsss_ray.data.shards import (
 from wsss_ray.data.skips import MAX_CAPTION_BYTES, MAX_NAMED, SkipReporter, _Counter
 from wsss_ray.data.tarstream import iter_tar_files
 from wsss_ray.data.webdataset import TRUNCATED_KEY, FusedShardDecoder, resolve_shards
-
-
-def _members(paths) -> dict[str, bytes]:
-    out = {}
-    for p in paths:
-        with tarfile.open(p) as tf:
-            for m in tf.getmembers():
-                out[m.name] = tf.extractfile(m).read()
-    return out
 
 
 def _rgb(jpeg: bytes) -> np.ndarray:

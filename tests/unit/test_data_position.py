@@ -24,7 +24,8 @@ from wsss_ray.data.position import (
     to_ranges,
     unpack,
 )
-from wsss_ray.data.webdataset import FusedShardDecoder, resolve_shards, shard_schedule
+from wsss_ray.data.shard_reading import resolve_shards, shard_schedule
+from wsss_ray.data.webdataset import FusedShardDecoder
 
 
 def test_ids_pack_and_unpack():

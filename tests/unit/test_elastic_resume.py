@@ -9,24 +9,11 @@ import os
 import torch
 
 from tests._dist import spawn_gloo
+from tests.unit.test_single_worker_engine import _Toy  # two groups: decay and no decay
 from wsss_ray.config import ClipPretrainConfig, load_config
 
 TAG = "ckpt"
 _OVERRIDES = ["optim.grad_clip=1.0", "optim.warmup_steps=0", "train.max_steps=6"]
-
-
-class _Toy(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.a = torch.nn.Linear(8, 16)
-        self.b = torch.nn.Linear(16, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(torch.relu(self.a(x))).pow(2).mean()
-
-    def param_groups(self, weight_decay: float, decay_scales: bool = False) -> list[dict]:
-        return [{"params": list(self.parameters()), "weight_decay": weight_decay}]
 
 
 def _batches() -> list[torch.Tensor]:

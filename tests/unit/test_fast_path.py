@@ -100,7 +100,7 @@ def test_prototype_loss_kept_tensor_equals_fraction():
 
 
 def test_window_sums_tensors_once_like_host_floats():
-    from wsss_ray.train.loop import _Window
+    from wsss_ray.train.monitor import _Window
 
     g = torch.Generator().manual_seed(2)
     steps = [

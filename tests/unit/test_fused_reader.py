@@ -11,14 +11,8 @@ import pytest
 
 from wsss_ray.config import ConfigError, PGSegPretrainConfig, load_config
 from wsss_ray.data import synthetic as syn
-from wsss_ray.data.webdataset import (
-    TRUNCATED_KEY,
-    FusedShardDecoder,
-    image_text_dataset,
-    resolve_shards,
-    shard_order,
-    shard_path_dataset,
-)
+from wsss_ray.data.shard_reading import resolve_shards, shard_order, shard_path_dataset
+from wsss_ray.data.webdataset import TRUNCATED_KEY, FusedShardDecoder, image_text_dataset
 
 TINY = "configs/pgseg/tiny.yaml"
 

@@ -6,7 +6,7 @@ import math
 
 from wsss_ray.config import ClipPretrainConfig, load_config
 from wsss_ray.train.deepspeed_config import deepspeed_config, total_steps
-from wsss_ray.train.loop import NonFiniteGuard
+from wsss_ray.train.monitor import NonFiniteGuard
 from wsss_ray.train.schedule import schedule_factor, timm_cosine, warmup_cosine
 
 
@@ -90,7 +90,7 @@ def test_deepspeed_config_and_length_from_samples():
 def _norm_stats_worker(rank, out):
     import torch
 
-    from wsss_ray.train.loop import average_norm_stats
+    from wsss_ray.train.monitor import average_norm_stats
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
@@ -157,7 +157,7 @@ def test_pgseg_synchronises_only_the_projector_batchnorms():
 
 
 def test_stall_guard_flags_a_frozen_loss_and_a_dead_or_exploding_gradient():
-    from wsss_ray.train.loop import StallGuard
+    from wsss_ray.train.monitor import StallGuard
 
     g = StallGuard(3)
     assert [g.update(x, 1.0) for x in (5.0, 4.0, 3.5, 3.2)] == ["", "", "", ""]

@@ -73,7 +73,8 @@ def bench_loop_per_worker(loop_config: dict) -> None:
 
     from wsss_ray.tasks import build_task
     from wsss_ray.train.deepspeed_config import total_steps, use_bf16
-    from wsss_ray.train.loop import _all_reduce, _prepare, _Window, build_engine, iter_kwargs
+    from wsss_ray.train.loop import _prepare, build_engine, iter_kwargs
+    from wsss_ray.train.monitor import _all_reduce, _Window
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

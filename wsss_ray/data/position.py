@@ -8,7 +8,7 @@ recorded by sample identity instead:
   one int64 (:func:`pack`), where ``shard`` is the tar's index in the run's resolved shard list,
   ``pass`` the epoch within the Ray Data execution and ``index`` the sample's place in its tar.
   Which samples an epoch holds, and the shard order of each pass, are pure functions of
-  ``(train.seed, pass, shard list)`` (:func:`wsss_ray.data.webdataset.shard_order`);
+  ``(train.seed, pass, shard list)`` (:func:`wsss_ray.data.shard_reading.shard_order`);
 - each train worker keeps the ids of the batches it consumed since the execution began; every
   checkpoint stores them per rank as sorted ``[start, end)`` ranges (:func:`to_ranges`: a decode
   batch comes from one shard in tar order, so the ranges are few), with the execution's first
