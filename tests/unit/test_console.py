@@ -1,7 +1,7 @@
 """The job's console (wsss_ray.console): its own lines shown, Ray's stream and the libraries'
 INFO logs routed to console.log, exceptions and raylet errors still shown; --verbose on every
 job's parser. Fed with Ray's own batch format, no Ray started (the end-to-end check with real
-jobs is tests/integration/test_console.py, slow)."""
+jobs is tests/integration/test_console_job.py, slow)."""
 
 from __future__ import annotations
 
