@@ -27,18 +27,17 @@ from __future__ import annotations
 
 import hashlib
 import io
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from wsss_ray.data.skips import run_actor, start_run_actor
+
 #: bits of the sample index inside its tar (16.7M samples per shard at most)
 INDEX_BITS = 24
 MAX_INDEX = 1 << INDEX_BITS
-NAMESPACE = "wsss_ray"
 POSITION_FILE = "data_position_rank{rank}.npz"
-_LIVE: dict[str, Any] = {}
 
 
 def pack(pass_: int, shard: int, n_shards: int, index: np.ndarray | int) -> np.ndarray:
@@ -73,13 +72,11 @@ def merge_ranges(*parts: np.ndarray) -> np.ndarray:
     if not len(r):
         return np.zeros((0, 2), np.int64)
     r = r[np.argsort(r[:, 0], kind="stable")]
-    out = [r[0].tolist()]
-    for s, e in r[1:].tolist():
-        if s <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], e)
-        else:
-            out.append([s, e])
-    return np.asarray(out, np.int64)
+    reach = np.maximum.accumulate(r[:, 1])  # the furthest end so far
+    new = np.r_[True, r[1:, 0] > reach[:-1]]  # a range that starts past it opens a new one
+    starts = r[new, 0]
+    ends = reach[np.r_[np.flatnonzero(new)[1:] - 1, len(r) - 1]]
+    return np.stack([starts, ends], 1)
 
 
 def count(ranges: np.ndarray) -> int:
@@ -223,18 +220,11 @@ class DataPlan:
 
 def start_data_plan(prefix: str = "wsss_data_plan") -> str:
     """Create the plan actor for this driver; returns its name (for decoders and workers)."""
-    import ray
-
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    actor = ray.remote(num_cpus=0)(DataPlan).options(name=name, namespace=NAMESPACE)
-    _LIVE[name] = actor.remote()
-    return name
+    return start_run_actor(DataPlan, prefix)
 
 
 def plan_handle(name: str) -> Any:
-    import ray
-
-    return ray.get_actor(name, namespace=NAMESPACE)
+    return run_actor(name)
 
 
 class PlanReader:

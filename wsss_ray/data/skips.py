@@ -56,13 +56,26 @@ class _Counter:
         return self.named[start:]
 
 
-def start_skip_counter(prefix: str = "wsss_skips") -> str:
-    """Create the counter actor (0 CPUs) for this driver; returns its name for the decoders."""
+def start_run_actor(cls: type, prefix: str) -> str:
+    """A small named actor (0 CPUs) of this driver, kept alive by the driver's handle; returns
+    its name, which decoders and train workers pass to :func:`run_actor`."""
     import ray
 
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    _LIVE[name] = ray.remote(num_cpus=0)(_Counter).options(name=name, namespace=NAMESPACE).remote()
+    _LIVE[name] = ray.remote(num_cpus=0)(cls).options(name=name, namespace=NAMESPACE).remote()
     return name
+
+
+def run_actor(name: str) -> Any:
+    """The handle of an actor :func:`start_run_actor` made."""
+    import ray
+
+    return ray.get_actor(name, namespace=NAMESPACE)
+
+
+def start_skip_counter(prefix: str = "wsss_skips") -> str:
+    """Create the counter actor for this driver; returns its name for the decoders."""
+    return start_run_actor(_Counter, prefix)
 
 
 def skip_name(url: Any, key: Any, why: str) -> str:

@@ -281,9 +281,10 @@ class FusedShardDecoder:
 
     def shard(self, path: str, shard: int, pass_: int) -> Iterator[dict[str, np.ndarray]]:
         """The decoded batches of one tar (``shard`` < 0: no sample ids, nothing passed over)."""
-        from wsss_ray.data.position import pack
+        from wsss_ray.data.position import MAX_INDEX, pack
 
         ids = shard >= 0 and self.n_shards > 0
+        base = int(pack(pass_, shard, self.n_shards, 0)) if ids else 0
         if ids and self.plan.fully_consumed(pass_, shard):
             return
         done = self.plan.consumed(pass_, shard).tolist() if ids else []
@@ -300,7 +301,9 @@ class FusedShardDecoder:
             if j < len(done) and done[j][0] <= this:
                 continue  # consumed before the resume
             if ids:
-                sample["__id__"] = int(pack(pass_, shard, self.n_shards, this))
+                if this >= MAX_INDEX:
+                    raise ValueError(f"{path} holds more than {MAX_INDEX} samples: split it")
+                sample["__id__"] = base | this
             if len(rows) >= self.batch_size:
                 yield self.decoder(_columns(rows, ids))
                 rows = []
