@@ -70,7 +70,7 @@ class Console:
         if self.log_path is None:
             return
         with self._lock:
-            if self._file is None:
+            if self._file is None or self._file.closed:
                 self.log_path.parent.mkdir(parents=True, exist_ok=True)
                 self._file = open(self.log_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
                 stamp = time.strftime("%Y-%m-%d %H:%M:%S")

@@ -16,9 +16,11 @@ from wsss_ray.config import ClipPretrainConfig, parse_job_args
 
 @pytest.fixture()
 def quiet(tmp_path, monkeypatch):
-    """A quiet console logging to tmp_path/console.log; the process's settings restored."""
+    """A quiet console logging to tmp_path/console.log; the process's settings restored (but
+    its open log file: ``configure`` closes it, and a closed file restored would fail the next
+    write, e.g. from Ray's printer thread of a later test)."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    saved = dict(vars(console.CONSOLE))
+    saved = {k: v for k, v in vars(console.CONSOLE).items() if k != "_file"}
     console.configure(False, tmp_path / "console.log")
     yield tmp_path / "console.log"
     console.CONSOLE.close()
@@ -142,3 +144,13 @@ def test_verbose_flag_of_the_shared_parser(quiet, tmp_path):
     assert console.CONSOLE.log_path == tmp_path / "clip_tiny" / "console.log"
     parse_job_args(ClipPretrainConfig, "x", ["--verbose", *args])
     assert not console.is_quiet() and console.ray_env() == {}
+
+
+def test_a_write_after_the_log_file_was_closed_reopens_it(quiet):
+    """Ray's printer thread may write after the file was closed under it (a configure() of
+    another job in the process): the line is appended, never a ValueError in that thread."""
+    console.CONSOLE.write("first")
+    console.CONSOLE._file.close()
+    console.CONSOLE.write("second")
+    lines = quiet.read_text().splitlines()
+    assert lines[1] == "first" and lines[-1] == "second"

@@ -27,7 +27,12 @@ def _cfg(tmp_path, steps: int):
     return load_config(
         PGSegPretrainConfig,
         "configs/pgseg/tiny.yaml",
-        [f"run.output_dir={tmp_path}", "run.name=pgseg_tiny", f"train.max_steps={steps}"],
+        [
+            f"run.output_dir={tmp_path}",
+            "run.name=pgseg_tiny",
+            f"train.max_steps={steps}",
+            "data.synthetic.num_images=64",  # what a run that starts writes first
+        ],
     )
 
 
@@ -55,3 +60,16 @@ def test_an_unfinished_or_longer_run_goes_on(tmp_path, monkeypatch):
     monkeypatch.setattr(driver, "init_ray", _no_cluster)
     with pytest.raises(AssertionError, match="must not start Ray"):
         driver.run(_cfg(tmp_path, 600))  # goes on: reaches Ray (stopped here by the test)
+
+
+def test_a_dead_tracking_server_ends_the_run_before_ray_starts(tmp_path, monkeypatch):
+    """The MLflow server is asked before Ray starts: when it is down, the one-line error comes
+    after the wait alone (``WSSS_RAY_MLFLOW_WAIT_S``), not after Ray's start-up too."""
+    from wsss_ray.config import ConfigError
+
+    monkeypatch.setenv("WSSS_RAY_MLFLOW_WAIT_S", "0")
+    monkeypatch.setattr(driver, "init_ray", _no_cluster)
+    cfg = _cfg(tmp_path, 600)
+    cfg.tracking.uri = "http://127.0.0.1:9"  # the discard port: nothing listens
+    with pytest.raises(ConfigError, match="MLflow at http://127.0.0.1:9 is unreachable"):
+        driver.run(cfg)

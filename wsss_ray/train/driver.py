@@ -217,9 +217,14 @@ def run(cfg: TrainJobConfig) -> RunSummary:
         )
         return done
     setup = prepare(cfg)
-    init_ray(cfg)
+    # the tracking server first: one that is down ends the job before Ray starts
     tracker = open_tracker(cfg, setup)
-    trainer = build_trainer(cfg, setup, tracker.run_id)
+    try:
+        init_ray(cfg)
+        trainer = build_trainer(cfg, setup, tracker.run_id)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
     try:
         with stop_on_signals(os.path.join(setup.storage, cfg.run.name), tracker):
             result = trainer.fit()
