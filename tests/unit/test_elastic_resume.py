@@ -1,11 +1,14 @@
 """Elastic resume of the optimizer (wsss_ray.train.elastic): a ZeRO-2 checkpoint written by 2
 workers, resumed by 1, continues exactly as the 2 workers would have: the Adam moments and
-fp32 weights are re-partitioned, not restarted. Reference: the same 2 workers going on."""
+fp32 weights are re-partitioned, not restarted. Reference: the same 2 workers going on. And
+the other way: one worker's checkpoint (a fresh run's stage 0, or ZeRO kept after a shrink)
+resumed by 2 workers continues as the one worker would have."""
 
 from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 from tests._dist import spawn_gloo
@@ -81,13 +84,56 @@ def test_zero2_checkpoint_of_two_workers_resumes_on_one_exactly(tmp_path, monkey
     assert gap > 1e-4, gap  # restarting the moments would be caught
 
 
-def _set_dir(fn, folder):
+def _one_worker_saves(rank: int, out) -> None:
+    os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1")
+    engine = _engine(1, keep_zero=out["keep_zero"])
+    out["stage"] = engine.zero_optimization_stage()
+    _steps(engine, _batches()[:3], 0, 1)
+    engine.save_checkpoint(out["dir"], tag=TAG, client_state={"samples": 24})
+    _steps(engine, _batches()[3:], 0, 1)
+    out["after"] = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+
+
+def _two_workers_resume(rank: int, out) -> None:
+    from wsss_ray.train.elastic import load_engine_state
+
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE="2")
+    engine = _engine(2)
+    said = []
+    client = load_engine_state(engine, out["dir"], TAG, say=said.append)
+    step = engine.global_steps
+    _steps(engine, _batches()[3:], rank, 2)
+    fresh = _engine(2)  # the control: the Adam moments restarted
+    fresh.load_checkpoint(out["dir"], tag=TAG, load_optimizer_states=False)
+    _steps(fresh, _batches()[3:], rank, 2)
+    if rank == 0:
+        out["said"], out["samples"], out["step"] = said, client["samples"], step
+        out["after"] = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+        out["restarted"] = {k: v.detach().clone() for k, v in fresh.module.state_dict().items()}
+
+
+@pytest.mark.parametrize("keep_zero", [False, True], ids=["stage0", "zero2"])
+def test_one_workers_checkpoint_resumes_on_two_exactly(tmp_path, monkeypatch, keep_zero):
+    monkeypatch.chdir(os.getcwd())
+    one = spawn_gloo(_set_dir(_one_worker_saves, tmp_path, keep_zero=keep_zero), world=1)
+    assert one["stage"] == (2 if keep_zero else 0)
+    two = spawn_gloo(_set_dir(_two_workers_resume, tmp_path), world=2)
+    assert two["samples"] == 24 and two["step"] == 3
+    expected = "the ZeRO state of 1 worker, for 2" if keep_zero else "stage-0 state of 1 worker"
+    assert any(expected in line for line in two["said"]), two["said"]
+    for k, v in one["after"].items():
+        torch.testing.assert_close(two["after"][k], v, rtol=1e-5, atol=1e-6)
+    gap = max((two["restarted"][k] - v).abs().max().item() for k, v in one["after"].items())
+    assert gap > 1e-4, gap  # restarting the moments would be caught
+
+
+def _set_dir(fn, folder, **extra):
     """``fn`` with ``out["dir"]`` set first (spawn pickles module-level functions only)."""
     import functools
 
-    return functools.partial(_with_dir, fn, str(folder))
+    return functools.partial(_with_dir, fn, str(folder), extra)
 
 
-def _with_dir(fn, folder: str, rank: int, out) -> None:
-    out["dir"] = folder
+def _with_dir(fn, folder: str, extra: dict, rank: int, out) -> None:
+    out.update(dir=folder, **extra)
     fn(rank, out)
