@@ -202,6 +202,37 @@ def test_open_run_on_a_dead_server_is_one_config_error_naming_the_uri(tmp_path):
     assert time.perf_counter() - t0 < 3.0
 
 
+@pytest.mark.parametrize("status", [None, 503, 400])
+def test_check_server_before_ray_starts(tmp_path, status):
+    """The probe the training driver runs before Ray: dead or 5xx = the open-run error after
+    the wait; a server that answers (here: 400 to everything) passes; local stores pass."""
+    from wsss_ray.config import ConfigError
+    from wsss_ray.tracking import check_server
+
+    check_server(f"sqlite:///{tmp_path}/mlflow.db", wait_s=0)
+    assert not (tmp_path / "mlflow.db").exists()  # a local store is not even opened
+    server = None
+    if status is None:
+        uri = _dead_uri()
+    else:
+        handler = type("H", (_Answer,), {"status": status})
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        t0 = time.perf_counter()
+        if status == 400:
+            check_server(uri, wait_s=0)
+        else:
+            with pytest.raises(ConfigError, match=f"MLflow at {uri} is unreachable"):
+                check_server(uri, wait_s=0)
+        assert time.perf_counter() - t0 < 3.0
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+
 def test_flush_cli_without_a_queue_is_exit_2(tmp_path, capsys):
     assert main(["--flush", str(tmp_path / "none")]) == 2
     assert "no queued MLflow records in" in capsys.readouterr().err

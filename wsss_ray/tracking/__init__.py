@@ -60,6 +60,7 @@ __all__ = [
     "STORAGE_TAG",
     "FlushResult",
     "Tracker",
+    "check_server",
     "flush_queue",
     "local_artifact_location",
     "log_job_run",
@@ -126,6 +127,55 @@ FLUSH_MAX_EVERY_S = 300.0
 OPEN_WAIT_S = 60.0
 
 
+def _waiting_for_server(uri: str, wait_s: float | None, call: Any) -> Any:
+    """``call()``, tried again every 5 s while the server at ``uri`` is unreachable, for
+    ``wait_s`` (default ``OPEN_WAIT_S``, env ``WSSS_RAY_MLFLOW_WAIT_S``), then ``ConfigError``
+    naming the URI; one line when the waiting starts."""
+    from wsss_ray.config import ConfigError
+
+    if wait_s is None:
+        wait_s = float(os.environ.get("WSSS_RAY_MLFLOW_WAIT_S", OPEN_WAIT_S))
+    deadline, warned = time.monotonic() + wait_s, False
+    while True:
+        try:
+            return call()
+        except Exception as err:
+            if not unreachable(err):
+                raise
+            left = deadline - time.monotonic()
+            if left <= 0:
+                reason = _root_cause(err)
+                raise ConfigError(
+                    f"tracking.uri: MLflow at {uri} is unreachable (waited {wait_s:.0f} s;"
+                    f" {reason}): start the server, point tracking.uri / MLFLOW_TRACKING_URI"
+                    " at a running one, or set tracking.enabled=false"
+                ) from None
+            if not warned:
+                _say(f"[wsss_ray] MLflow at {uri} unreachable: waiting up to {wait_s:.0f} s")
+                warned = True
+            time.sleep(min(5.0, left))
+
+
+def check_server(uri: str, wait_s: float | None = None) -> None:
+    """Before a job starts Ray: a tracking server (``http(s)://``) that does not answer is
+    waited for as :meth:`Tracker.open_run` waits, then ``ConfigError``; so a dead server ends
+    the job after the wait alone, not after Ray's start-up too. Local stores pass at once, and
+    so does a server that answers with an error (opening the run reports that)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    from mlflow.tracking import MlflowClient
+
+    def probe() -> None:
+        with short_http():
+            try:
+                MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+            except Exception as err:
+                if unreachable(err):
+                    raise
+
+    _waiting_for_server(uri, wait_s, probe)
+
+
 class Tracker:
     """Thin wrapper over MlflowClient bound to one run. A disabled tracker does nothing.
 
@@ -186,42 +236,23 @@ class Tracker:
         restarts with the cluster is back by then), then ``ConfigError`` naming the URI. Records
         an earlier process left queued in ``queue_dir`` (a run stopped while the server was
         down) are sent first, their run's end included, before it is marked RUNNING again."""
-        from wsss_ray.config import ConfigError
 
-        if wait_s is None:
-            wait_s = float(os.environ.get("WSSS_RAY_MLFLOW_WAIT_S", OPEN_WAIT_S))
-        deadline, warned = time.monotonic() + wait_s, False
-        while True:
-            try:
-                if queue_dir and queue_files(queue_dir):  # before the run is RUNNING again
-                    _send_leftovers(queue_dir)
-                with short_http():
-                    run_id = _open_run(
-                        uri,
-                        experiment,
-                        run_name,
-                        storage,
-                        params,
-                        config_file,
-                        artifact_location,
-                        resume,
-                    )
-                break
-            except Exception as err:
-                if not unreachable(err):
-                    raise
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    reason = _root_cause(err)
-                    raise ConfigError(
-                        f"tracking.uri: MLflow at {uri} is unreachable (waited {wait_s:.0f} s;"
-                        f" {reason}): start the server, point tracking.uri / MLFLOW_TRACKING_URI"
-                        " at a running one, or set tracking.enabled=false"
-                    ) from None
-                if not warned:
-                    _say(f"[wsss_ray] MLflow at {uri} unreachable: waiting up to {wait_s:.0f} s")
-                    warned = True
-                time.sleep(min(5.0, left))
+        def attempt() -> str:
+            if queue_dir and queue_files(queue_dir):  # before the run is RUNNING again
+                _send_leftovers(queue_dir)
+            with short_http():
+                return _open_run(
+                    uri,
+                    experiment,
+                    run_name,
+                    storage,
+                    params,
+                    config_file,
+                    artifact_location,
+                    resume,
+                )
+
+        run_id = _waiting_for_server(uri, wait_s, attempt)
         return cls(uri, run_id, queue_dir)
 
     @property

@@ -19,7 +19,13 @@ from typing import Any
 
 from wsss_ray.config import TrainJobConfig, save_resolved, to_flat_dict
 from wsss_ray.runtime import start_ray, wait_for_resources
-from wsss_ray.tracking import Tracker, local_artifact_location, run_queue_dir, tracking_uri
+from wsss_ray.tracking import (
+    Tracker,
+    check_server,
+    local_artifact_location,
+    run_queue_dir,
+    tracking_uri,
+)
 
 
 @dataclass
@@ -217,14 +223,11 @@ def run(cfg: TrainJobConfig) -> RunSummary:
         )
         return done
     setup = prepare(cfg)
-    # the tracking server first: one that is down ends the job before Ray starts
+    if cfg.tracking.enabled:  # a server that is down ends the job before Ray starts
+        check_server(setup.uri)
+    init_ray(cfg)
     tracker = open_tracker(cfg, setup)
-    try:
-        init_ray(cfg)
-        trainer = build_trainer(cfg, setup, tracker.run_id)
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
+    trainer = build_trainer(cfg, setup, tracker.run_id)
     try:
         with stop_on_signals(os.path.join(setup.storage, cfg.run.name), tracker):
             result = trainer.fit()
