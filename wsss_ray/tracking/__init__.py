@@ -238,19 +238,47 @@ class Tracker:
         down) are sent first, their run's end included, before it is marked RUNNING again."""
 
         def attempt() -> str:
-            if queue_dir and queue_files(queue_dir):  # before the run is RUNNING again
+            """Send what an earlier process left queued (before the run is RUNNING again),
+            then find or create the run; returns its id."""
+            if queue_dir and queue_files(queue_dir):
                 _send_leftovers(queue_dir)
             with short_http():
-                return _open_run(
-                    uri,
-                    experiment,
-                    run_name,
-                    storage,
-                    params,
-                    config_file,
-                    artifact_location,
-                    resume,
+                from mlflow.tracking import MlflowClient
+
+                client = MlflowClient(tracking_uri=uri)
+                exp = client.get_experiment_by_name(experiment)
+                exp_id = (
+                    exp.experiment_id
+                    if exp
+                    else client.create_experiment(experiment, artifact_location=artifact_location)
                 )
+                found = resume and client.search_runs(
+                    [exp_id],
+                    filter_string=(
+                        f"tags.`{RUN_NAME_TAG}` = '{run_name}'"
+                        f" and tags.`{STORAGE_TAG}` = '{storage}'"
+                    ),
+                    max_results=1,
+                )
+                if found:
+                    run_id = found[0].info.run_id
+                    client.update_run(run_id, status="RUNNING")
+                else:
+                    run = client.create_run(
+                        exp_id,
+                        run_name=run_name,
+                        tags={RUN_NAME_TAG: run_name, STORAGE_TAG: storage},
+                    )
+                    run_id = run.info.run_id
+                    from mlflow.entities import Param
+
+                    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+                    for i in range(0, len(items), 100):
+                        client.log_batch(run_id, params=items[i : i + 100])
+                if config_file:
+                    with short_http(ARTIFACT_TIMEOUT_S):
+                        client.log_artifact(run_id, config_file)
+                return run_id
 
         run_id = _waiting_for_server(uri, wait_s, attempt)
         return cls(uri, run_id, queue_dir)
@@ -364,52 +392,6 @@ class Tracker:
                 f" in {self.queue_dir}; send them with `python -m wsss_ray.tracking --flush"
                 f" {self.queue_dir}` once it is back (a resume of this run sends them too)"
             )
-
-
-def _open_run(
-    uri: str,
-    experiment: str,
-    run_name: str,
-    storage: str,
-    params: dict[str, Any],
-    config_file: str | None,
-    artifact_location: str | None,
-    resume: bool,
-) -> str:
-    """:meth:`Tracker.open_run`'s calls; returns the run id."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = (
-        exp.experiment_id
-        if exp
-        else client.create_experiment(experiment, artifact_location=artifact_location)
-    )
-    found = resume and client.search_runs(
-        [exp_id],
-        filter_string=(
-            f"tags.`{RUN_NAME_TAG}` = '{run_name}' and tags.`{STORAGE_TAG}` = '{storage}'"
-        ),
-        max_results=1,
-    )
-    if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-    else:
-        run = client.create_run(
-            exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, STORAGE_TAG: storage}
-        )
-        run_id = run.info.run_id
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            client.log_batch(run_id, params=items[i : i + 100])
-    if config_file:
-        with short_http(ARTIFACT_TIMEOUT_S):
-            client.log_artifact(run_id, config_file)
-    return run_id
 
 
 def log_job_run(
