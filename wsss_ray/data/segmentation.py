@@ -252,12 +252,19 @@ def open_source(kind: str, root: str | Path, split: str, **kwargs) -> SegSource:
     raise ValueError(f"unknown dataset kind '{kind}' (known: {', '.join(KINDS)})")
 
 
-def _rows_table(ids: list[str], images: list[bytes], masks: list[bytes]):
+def _rows_table(
+    ids: list[str],
+    images: list[bytes],
+    masks: list[bytes],
+    labels: list[list[int]] | None = None,
+):
     """The dataset columns as an Arrow table with explicit types (also when empty): ``labels``
-    becomes ``list<int64>`` so rows give plain lists and numpy batches give arrays."""
+    becomes ``list<int64>`` so rows give plain lists and numpy batches give arrays. ``labels``:
+    the classes of each mask when the caller decoded them already (else from the masks)."""
     import pyarrow as pa
 
-    labels = [image_labels(decode_mask_bytes(m)) for m in masks]
+    if labels is None:
+        labels = [image_labels(decode_mask_bytes(m)) for m in masks]
     return pa.table(
         {
             "id": pa.array(ids, pa.string()),
@@ -297,22 +304,22 @@ def _shard_rows(batch: dict):
     """Shard rows -> the dataset columns. A row without its image or mask (the marker of a
     truncated tar, a member missing its pair) or with a mask that does not decode is skipped
     with a warning naming the shard and key."""
-    from wsss_ray.data.skips import TRUNCATED_KEY, skip_name
+    from wsss_ray.data.skips import TRUNCATED_KEY, as_bytes, skip_name
 
     n = len(batch["__key__"])
     keys = ("__url__", "jpg", "png", "json")
     cols = {k: batch[k] if k in batch else [None] * n for k in keys}
-    ids, images, masks = [], [], []
+    ids, images, masks, labels = [], [], [], []
     for i in range(n):
         key, url = batch["__key__"][i], cols["__url__"][i]
-        jpg, png, meta = (_bytes_or_none(cols[k][i]) for k in ("jpg", "png", "json"))
+        jpg, png, meta = (as_bytes(cols[k][i]) for k in ("jpg", "png", "json"))
         if str(key) == TRUNCATED_KEY:
             why = "truncated or corrupt tar: the rest of the shard is skipped"
         elif jpg is None or png is None:
             why = "image without its .png mask" if png is None else "mask without its .jpg"
         else:
             try:
-                decode_mask_bytes(png)
+                classes = image_labels(decode_mask_bytes(png))  # the one decode of the mask
                 why = ""
             except Exception as err:  # noqa: BLE001 - a bad mask: this sample only
                 why = f"unreadable mask ({type(err).__name__}: {err})"
@@ -326,11 +333,8 @@ def _shard_rows(batch: dict):
         ids.append(str(info.get("id", key)) if isinstance(info, dict) else str(key))
         images.append(jpg)
         masks.append(png)
-    return _rows_table(ids, images, masks)
-
-
-def _bytes_or_none(value) -> bytes | None:
-    return bytes(value) if isinstance(value, bytes | bytearray | memoryview) else None
+        labels.append(classes)
+    return _rows_table(ids, images, masks, labels)
 
 
 def read_segmentation_shards(paths: list[str]) -> ray.data.Dataset:

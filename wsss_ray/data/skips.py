@@ -32,6 +32,14 @@ MAX_CAPTION_BYTES = 4096
 _LIVE: dict[str, Any] = {}
 
 
+def as_bytes(value: Any) -> bytes | None:
+    """A tar member's value as bytes (Arrow hands over bytes or memoryviews); None when the
+    sample has no such member."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    return None
+
+
 class _Counter:
     def __init__(self) -> None:
         self.n = 0

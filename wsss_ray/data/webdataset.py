@@ -56,6 +56,7 @@ from wsss_ray.data.shard_reading import (
 from wsss_ray.data.skips import (
     MAX_CAPTION_BYTES,
     TRUNCATED_KEY,
+    as_bytes,
     pair_problem,
     skip_name,
     undecodable,
@@ -65,12 +66,6 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------ decoding
-def _as_bytes(value: Any) -> bytes | None:
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value)
-    return None
-
-
 class ImageTextDecoder:
     """``map_batches`` callable (one per actor): raw WebDataset rows -> numeric columns
     (``decode_on_worker``: the GPU-decode columns instead, see the module docstring)."""
@@ -181,7 +176,7 @@ class ImageTextDecoder:
         size = self.image_size
         batch_images = None if self.decode_on_worker else np.empty((n, size, size, 3), np.uint8)
         for row, (raw_img, raw_txt) in enumerate(zip(jpgs, txts)):
-            img_bytes, txt_bytes = _as_bytes(raw_img), _as_bytes(raw_txt)
+            img_bytes, txt_bytes = as_bytes(raw_img), as_bytes(raw_txt)
             key, url = batch["__key__"][row], urls[row]
             why = pair_problem(key, img_bytes, txt_bytes)
             if why is None:  # captions past the cap are cut: the tokenizer reads ~77 tokens
