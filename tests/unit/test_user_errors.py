@@ -26,14 +26,16 @@ def test_other_errors_pass_through():
 
 
 def test_ray_wrapped_error_prints_the_cause():
-    class Wrapped(DatasetError):  # what Ray's RayTaskError.as_instanceof_cause() builds
-        def __init__(self, cause):
-            super().__init__("ray::Actor.__call__() (pid=1)\nTraceback ...\n" + str(cause))
-            self.cause = cause
+    """Ray's own wrapper of an error raised in a task or actor (no cluster needed to build
+    it): an instance of the user error, with the traceback-laden message, and the cause."""
+    from ray.exceptions import RayTaskError
 
-    assert (
-        message(Wrapped(DatasetError("mask.png: 30 x 20 differs"))) == "mask.png: 30 x 20 differs"
-    )
+    cause = DatasetError("mask.png: 30 x 20 differs")
+    wrapped = RayTaskError(
+        "Actor.__call__", "Traceback ...", cause, proctitle="ray::Actor", pid=1, ip="127.0.0.1"
+    ).as_instanceof_cause()
+    assert isinstance(wrapped, DatasetError) and str(wrapped) != str(cause)
+    assert message(wrapped) == "mask.png: 30 x 20 differs"
 
 
 @pytest.mark.parametrize("job", ["eval_pgseg", "eval_vpl"])

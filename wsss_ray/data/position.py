@@ -223,8 +223,8 @@ def start_data_plan(prefix: str = "wsss_data_plan") -> str:
     return start_run_actor(DataPlan, prefix)
 
 
-def plan_handle(name: str) -> Any:
-    return run_actor(name)
+#: the handle of the run's data-plan actor, from its name
+plan_handle = run_actor
 
 
 class PlanReader:

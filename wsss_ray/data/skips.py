@@ -135,9 +135,7 @@ class SkipReporter:
         if not n or not self.name:
             return
         if self._handle is None:
-            import ray
-
-            self._handle = ray.get_actor(self.name, namespace=NAMESPACE)
+            self._handle = run_actor(self.name)
         room = MAX_NAMED - self._sent_names
         batch = list(names)[:room] if names is not None and room > 0 else []
         self._sent_names += len(batch)
@@ -150,11 +148,11 @@ class SkipReporter:
 def read_skips(name: str) -> int:
     import ray
 
-    return int(ray.get(ray.get_actor(name, namespace=NAMESPACE).total.remote()))
+    return int(ray.get(run_actor(name).total.remote()))
 
 
 def read_skip_names(name: str, start: int = 0) -> list[str]:
     """The named skips from the ``start``-th on (rank 0 prints each once)."""
     import ray
 
-    return list(ray.get(ray.get_actor(name, namespace=NAMESPACE).names.remote(start)))
+    return list(ray.get(run_actor(name).names.remote(start)))

@@ -77,7 +77,7 @@ def load_engine_state(engine: Any, ckpt_dir: str, tag: str, say: Any = print) ->
                     f"{ckpt_dir} was written by {saved} workers without elastic checkpoints "
                     f"(an older wsss_ray): resume it with scaling.num_workers={saved}"
                 )
-            _load_partitions(engine, parts, load_from_fp32_weights=True)
+            _load_partitions(engine, parts)
             if engine.global_rank == 0 and saved != world:
                 workers = f"{saved} worker" + "s" * (saved != 1)
                 say(f"[wsss_ray] elastic resume: the ZeRO state of {workers}, for {world}")
@@ -86,7 +86,7 @@ def load_engine_state(engine: Any, ckpt_dir: str, tag: str, say: Any = print) ->
         elif path is not None:  # stage 0 (one worker) resumed with ZeRO
             part = _stage0_partition(engine, os.path.join(ckpt_dir, tag))
             if part is not None:
-                _load_partitions(engine, [part], load_from_fp32_weights=True)
+                _load_partitions(engine, [part])
             if engine.global_rank == 0 and part is not None:
                 say(f"[wsss_ray] elastic resume: the stage-0 state of 1 worker, for {world}")
             elif engine.global_rank == 0:
@@ -117,7 +117,7 @@ class _SavedParts(list):
         return super().__getitem__(i)
 
 
-def _load_partitions(engine: Any, parts: list[dict], load_from_fp32_weights: bool) -> None:
+def _load_partitions(engine: Any, parts: list[dict]) -> None:
     """Hand saved elastic ZeRO partitions (any number) to the engine's ZeRO optimizer, which
     merges them and takes this rank's share; then the learning rate the scheduler reached."""
     k = _keys()
@@ -127,7 +127,7 @@ def _load_partitions(engine: Any, parts: list[dict], load_from_fp32_weights: boo
     opt.load_state_dict(
         state_dict_list=_SavedParts(parts),
         load_optimizer_states=True,
-        load_from_fp32_weights=load_from_fp32_weights and engine.zero_load_from_fp32_weights(),
+        load_from_fp32_weights=engine.zero_load_from_fp32_weights(),
         checkpoint_folder=None,
         param_shapes=engine._get_zero_param_shapes(),
     )
