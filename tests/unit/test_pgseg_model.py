@@ -177,8 +177,13 @@ def test_lpg_alone_reaches_group_tokens():
         ["model.size=tiny", "loss.it=0", "loss.pg_text=0"],
     )
     task = build_task(cfg)
+    before = [m.mu0.clone() for m in task.prototype_modules]
     losses, metrics = task.training_forward(_batch("tiny"))
     assert set(losses) == {"it_loss", "pg1_loss", "pg2_loss", "pg_text_loss"}
+    # every prototype module's deferred EMA was applied by the task's flush, none left pending
+    assert len(before) >= 3 and all(m.deferred for m in task.prototype_modules)
+    assert all(m._pending is None for m in task.prototype_modules)
+    assert all(not torch.equal(b, m.mu0) for b, m in zip(before, task.prototype_modules))
     (losses["pg1_loss"] + losses["pg2_loss"]).backward()
     layers = task.model.img_encoder.layers
     assert layers[0].group_token.grad.abs().sum() > 0

@@ -18,6 +18,7 @@ Reference variants (PGSeg, docs/FIDELITY.md):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -119,12 +120,14 @@ def _world() -> int:
 
 
 @torch.no_grad()
-def flush_prototype_updates(module: nn.Module) -> int:
-    """Apply the deferred EMA updates of every :class:`EMPrototypes` in ``module`` with one
+def flush_prototype_updates(module: nn.Module | Iterable[nn.Module]) -> int:
+    """Apply the deferred EMA updates of every :class:`EMPrototypes` in ``module`` (a model,
+    or the prototype modules themselves, found once: no walk over the model each step) with one
     all-reduce of all their batch means (instead of one per module per step); returns how
     many. The same result as updating each right after its forward, as long as no module runs
     twice in one forward (each ``mu0`` is read only by its own forward)."""
-    ems = [m for m in module.modules() if isinstance(m, EMPrototypes) and m._pending is not None]
+    found = module.modules() if isinstance(module, nn.Module) else module
+    ems = [m for m in found if isinstance(m, EMPrototypes) and m._pending is not None]
     if not ems:
         return 0
     flat = torch.cat([m._pending.reshape(-1) for m in ems])

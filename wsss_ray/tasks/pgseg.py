@@ -90,9 +90,10 @@ class PGSegTask(Task):
         self.npr_enabled = n.enabled
         #: start the matchings early and collect them last (same result as synchronous)
         self.overlap_matching = True
-        for em in self.model.modules():  # EMA of every stage applied at once, after the forward
-            if isinstance(em, EMPrototypes):
-                em.deferred = True
+        #: the prototype modules: their EMA of every stage is applied at once, after the forward
+        self.prototype_modules = [m for m in self.model.modules() if isinstance(m, EMPrototypes)]
+        for em in self.prototype_modules:
+            em.deferred = True
 
     def _start_match(self, groups: torch.Tensor, protos: torch.Tensor) -> PendingMatch | None:
         if not self.overlap_matching:
@@ -166,7 +167,7 @@ class PGSegTask(Task):
             loss, kept = self._pg(text_groups, text_protos, text_pending)
             losses["pg_text_loss"] = w.pg_text * loss
             metrics["pg_text_raw"], metrics["hrs_kept_text"] = loss.detach(), kept
-        flush_prototype_updates(self.model)  # every stage's EMA: one all-reduce, not one each
+        flush_prototype_updates(self.prototype_modules)  # one all-reduce for every stage
         return losses, metrics
 
     @torch.no_grad()
